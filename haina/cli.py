@@ -1,0 +1,255 @@
+"""`haina <stage> …`: subcommands mapped onto typed functions.
+
+Each command is a plain Python function. Its signature becomes the options (types, defaults,
+`Literal` choices, `bool` as --flag/--no-flag, `list[...]` as several values) and its Google-style
+docstring becomes the help text. Functions are imported only when their command runs, so
+`haina --help` stays fast and a broken optional extra cannot break unrelated commands.
+
+A function with a parameter named `overrides` receives every unknown `--section.key=value`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import os
+import re
+import sys
+import types
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+from haina.core.config import coerce
+from haina.core.errors import HainaError
+
+# command path -> "module:function". Order is the order shown in `haina --help`.
+COMMANDS: dict[tuple[str, ...], str] = {
+    ("quickstart",): "haina.quickstart:quickstart",
+    ("data", "prepare"): "haina.data.prepare.command:prepare",
+    ("data", "augment"): "haina.data.prepare.augment:augment_command",
+    ("data", "tokenize"): "haina.data.tokenize:tokenize_command",
+    ("tokenizer", "train"): "haina.tokenizer.train:train_command",
+    ("model", "params"): "haina.model.params:params_command",
+    ("pretrain",): "haina.train.pretrain:pretrain",
+    ("generate",): "haina.generate.command:generate_command",
+    ("chat",): "haina.generate.chat:chat_command",
+    ("export", "hf"): "haina.export.hf:export_hf_command",
+    ("import", "hf"): "haina.export.hf:import_hf_command",
+    ("serve",): "haina.serve.command:serve_command",
+}
+
+GROUP_HELP = {
+    "data": "prepare raw text (clean, filter, dedup, split) and tokenize it into shards",
+    "tokenizer": "train byte-level BPE or character tokenizers",
+    "model": "inspect model presets and configs",
+    "export": "write checkpoints in other ecosystems' formats",
+    "import": "read checkpoints from other ecosystems' formats",
+}
+
+
+def _load(target: str):
+    module, name = target.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _doc_parts(fn) -> tuple[str, dict[str, str]]:
+    """Split a Google-style docstring into its description and per-argument help."""
+    doc = inspect.getdoc(fn) or ""
+    parts = re.split(r"^Args:\s*$", doc, maxsplit=1, flags=re.M)
+    description = parts[0].strip()
+    args: dict[str, str] = {}
+    if len(parts) == 2:
+        current = None
+        for line in parts[1].splitlines():
+            if re.match(r"^\S", line):  # a new section (Returns:, Raises:) ends Args
+                break
+            m = re.match(r"^\s{2,6}(\w+)(?:\s*\([^)]*\))?:\s*(.*)$", line)
+            if m:
+                current = m.group(1)
+                args[current] = m.group(2)
+            elif current and line.strip():
+                args[current] += " " + line.strip()
+    return description, args
+
+
+def _base_type(tp: Any) -> tuple[Any, bool]:
+    """Strip Optional; return (type, is_optional)."""
+    if get_origin(tp) in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def _add_function_args(parser: argparse.ArgumentParser, fn) -> None:
+    hints = get_type_hints(fn)
+    _, arg_help = _doc_parts(fn)
+    for name, param in inspect.signature(fn).parameters.items():
+        if name == "overrides":
+            continue
+        tp, _ = _base_type(hints.get(name, str))
+        flag = "--" + name.replace("_", "-")
+        required = param.default is inspect.Parameter.empty
+        default = None if required else param.default
+        help_text = arg_help.get(name, "")
+        if not required and default not in (None, False, [], ()):
+            help_text += f" (default: {default})"
+        kwargs: dict[str, Any] = {"dest": name, "help": help_text.strip() or None}
+        if tp is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, **kwargs)
+            continue
+        origin = get_origin(tp)
+        if origin in (list, tuple):
+            kwargs["nargs"] = "+"
+            inner = (get_args(tp) or (str,))[0]
+            kwargs["metavar"] = getattr(inner, "__name__", "VALUE").upper()
+        elif origin is Literal:
+            kwargs["choices"] = [str(c) for c in get_args(tp)]
+        else:
+            kwargs["metavar"] = getattr(tp, "__name__", "VALUE").upper()
+        parser.add_argument(flag, required=required, default=default, **kwargs)
+
+
+def _call(fn, ns: argparse.Namespace, extra: list[str]) -> Any:
+    hints = get_type_hints(fn)
+    sig = inspect.signature(fn)
+    kwargs: dict[str, Any] = {}
+    for name, param in sig.parameters.items():
+        if name == "overrides":
+            kwargs[name] = _collect_overrides(extra)
+            continue
+        value = getattr(ns, name)
+        if value is not None and name in hints:
+            value = coerce(value, _base_type(hints[name])[0], "--" + name.replace("_", "-"))
+        kwargs[name] = value
+    if extra and "overrides" not in sig.parameters:
+        raise HainaError(f"unrecognized arguments: {' '.join(extra)}")
+    return fn(**kwargs)
+
+
+def _collect_overrides(extra: list[str]) -> list[str]:
+    """Accept `--a.b=1` and `--a.b 1`; anything else is an error."""
+    out, i = [], 0
+    while i < len(extra):
+        item = extra[i]
+        if not item.startswith("--"):
+            raise HainaError(f"unexpected argument '{item}'; overrides look like --section.key=value")
+        if "=" in item:
+            out.append(item[2:])
+        elif i + 1 < len(extra) and not extra[i + 1].startswith("--"):
+            out.append(f"{item[2:]}={extra[i + 1]}")
+            i += 1
+        else:
+            raise HainaError(f"override '{item}' has no value; write {item}=VALUE")
+        i += 1
+    return out
+
+
+def build_parser(load_functions: tuple[str, ...] | None = None) -> argparse.ArgumentParser:
+    """The full parser. Only the command in `load_functions` has its function imported."""
+    parser = argparse.ArgumentParser(prog="haina", description="haina: the whole life of a language model.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    parser.add_argument("--version", action="version", version=f"haina {_version()}")
+    subs = parser.add_subparsers(dest="command", metavar="<stage>")
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for path, target in COMMANDS.items():
+        if len(path) == 1:
+            container = subs
+        else:
+            if path[0] not in groups:
+                gp = subs.add_parser(path[0], help=GROUP_HELP.get(path[0]), description=GROUP_HELP.get(path[0]))
+                groups[path[0]] = gp.add_subparsers(dest="subcommand", metavar="<command>")
+            container = groups[path[0]]
+        summary = _summaries().get(path, "")
+        p = container.add_parser(path[-1], help=summary, description=summary,
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p.set_defaults(_target=target, _path=path)
+        if load_functions == path:
+            fn = _load(target)
+            desc, _ = _doc_parts(fn)
+            p.description = desc
+            p.formatter_class = argparse.RawDescriptionHelpFormatter
+            _add_function_args(p, fn)
+    return parser
+
+
+def _summaries() -> dict[tuple[str, ...], str]:
+    return {
+        ("quickstart",): "the main job: corpus → tokenizer → shards → pretrain → eval → samples, on CPU",
+        ("data", "prepare"): "clean, filter, deduplicate and split raw documents, with a report",
+        ("data", "augment"): "augment a labeled dataset (deletion, swap, synonyms)",
+        ("data", "tokenize"): "encode text into memory-mapped train/val token shards",
+        ("tokenizer", "train"): "train a byte-level BPE or character tokenizer",
+        ("model", "params"): "parameter count and memory (weights, grads, AdamW, activations)",
+        ("pretrain",): "pretrain a Transformer from a YAML recipe with dotted overrides",
+        ("generate",): "generate text from a checkpoint",
+        ("chat",): "interactive terminal chat with a checkpoint",
+        ("export", "hf"): "export a checkpoint as a Hugging Face transformers model",
+        ("import", "hf"): "import a Hugging Face Llama or GPT-2 checkpoint from disk",
+        ("serve",): "serve a checkpoint over an OpenAI-compatible HTTP API",
+    }
+
+
+def _version() -> str:
+    from haina import __version__
+
+    return __version__
+
+
+def _find_command(argv: list[str]) -> tuple[str, ...] | None:
+    words = [a for a in argv if not a.startswith("-")]
+    for n in (2, 1):
+        if tuple(words[:n]) in COMMANDS:
+            return tuple(words[:n])
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("HAINA_DEBUG") == "1"
+    from haina.core.log import setup_logging
+
+    setup_logging(debug)
+    try:
+        path = _find_command(argv)
+        parser = build_parser(path)
+        ns, extra = parser.parse_known_args(argv)
+        if not getattr(ns, "_target", None):
+            if getattr(ns, "command", None):
+                parser.parse_args([ns.command, "--help"])
+            parser.print_help()
+            return 0
+        fn = _load(ns._target)
+        result = _call(fn, ns, extra)
+        return result if isinstance(result, int) else 0
+    except HainaError as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # Output piped into `head` and closed early: not an error worth a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except FileNotFoundError as e:
+        if debug:
+            raise
+        print(f"error: file not found: {e.filename or e}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:
+        if debug:
+            raise
+        extra = " (install it with: pip install 'haina[hf]')" if e.name == "transformers" else ""
+        print(f"error: missing module '{e.name}'{extra}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
+__all__ = ["main", "build_parser", "COMMANDS", "Path"]

@@ -1,0 +1,53 @@
+"""Logging and progress: a live bar on a terminal, plain lines elsewhere, JSON lines on disk."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+logger = logging.getLogger("haina")
+
+
+def setup_logging(debug: bool = False) -> None:
+    """Log `haina.*` to stderr; INFO by default, DEBUG with --debug."""
+    if logger.handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if debug else logging.INFO)
+    logger.propagate = False
+
+
+def info(msg: str) -> None:
+    setup_logging()
+    logger.info(msg)
+
+
+def progress(total: int | None = None, desc: str = "", initial: int = 0, unit: str = "it") -> tqdm:
+    """A tqdm bar that draws only on a terminal, so logs and CI output stay clean."""
+    return tqdm(total=total, desc=desc, initial=initial, unit=unit, disable=not sys.stderr.isatty(),
+                dynamic_ncols=True, leave=False)
+
+
+class JsonlLogger:
+    """Appends one JSON object per line; each line is flushed so a crash loses at most one."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.path, "a", encoding="utf-8")
+
+    def log(self, record: dict[str, Any]) -> None:
+        record = {"time": round(time.time(), 3), **record}
+        self._f.write(json.dumps(record) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()

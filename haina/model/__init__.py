@@ -1,0 +1,6 @@
+"""The decoder-only Transformer, its config and presets."""
+
+from haina.model.config import PRESETS, ModelConfig
+from haina.model.transformer import Transformer
+
+__all__ = ["ModelConfig", "PRESETS", "Transformer"]

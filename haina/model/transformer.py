@@ -1,0 +1,136 @@
+"""The decoder-only Transformer: one file, one device.
+
+Parallelism, compilation and activation checkpointing are applied from outside (by the
+trainer); inference state (the KV cache) belongs to the generation engine and is passed in.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from haina.core.errors import HainaError
+from haina.model.config import ModelConfig
+from haina.model.layers import Block, KVCacheLike, make_norm, rope_cos_sin, sinusoidal
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.pos_emb = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos == "learned" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm_f = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.gradient_checkpointing = False
+        self.reset_parameters()
+
+    # ----------------------------------------------------------------- init
+    def reset_parameters(self) -> None:
+        cfg = self.cfg
+        # GPT-2: residual projections get std / sqrt(2·layers) so the residual stream's variance
+        # does not grow with depth.
+        resid_std = cfg.init_std / math.sqrt(2 * cfg.n_layer)
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                if cfg.init == "normal":
+                    std = resid_std if name.endswith(".proj") else cfg.init_std
+                    nn.init.normal_(module.weight, mean=0.0, std=std)
+                elif cfg.init == "xavier":
+                    nn.init.xavier_uniform_(module.weight)
+                else:
+                    nn.init.kaiming_normal_(module.weight, nonlinearity="linear")
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=cfg.init_std)
+        if cfg.tie_embeddings:
+            # The tied matrix is initialized once, as an embedding.
+            nn.init.normal_(self.tok_emb.weight, mean=0.0, std=cfg.init_std)
+
+    # ----------------------------------------------------------------- forward
+    def forward(self, idx: torch.Tensor, *, positions: torch.Tensor | None = None,
+                cache: KVCacheLike | None = None) -> torch.Tensor:
+        """Token ids (B, T) -> logits (B, T, vocab).
+
+        Args:
+            idx: token ids (B, T).
+            positions: absolute position of every token (B, T); default 0..T-1 for each row.
+            cache: the inference engine's KV cache; None for training and plain scoring.
+        """
+        return self.lm_head(self.hidden_states(idx, positions=positions, cache=cache))
+
+    def hidden_states(self, idx: torch.Tensor, *, positions: torch.Tensor | None = None,
+                      cache: KVCacheLike | None = None) -> torch.Tensor:
+        """The final normalized hidden states (B, T, C), before the LM head."""
+        B, T = idx.shape
+        cfg = self.cfg
+        if positions is None:
+            if T > cfg.block_size:
+                raise HainaError(f"sequence of {T} tokens exceeds the model's context of {cfg.block_size}")
+            positions = torch.arange(T, device=idx.device).expand(B, T)
+        x = self.tok_emb(idx)  # (B, T, C)
+        rope = None
+        if cfg.pos == "learned":
+            x = x + self.pos_emb(positions)
+        elif cfg.pos == "sinusoidal":
+            x = x + sinusoidal(positions, cfg.n_embd).to(x.dtype)
+        else:
+            rope = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
+        x = self.drop(x)
+        for block in self.blocks:
+            if self.gradient_checkpointing and self.training:
+                # Recompute activations in backward: memory O(layers) instead of O(layers · T · C).
+                x = checkpoint(block, x, rope, cache, use_reentrant=False)
+            else:
+                x = block(x, rope, cache)
+        return self.norm_f(x)
+
+    # ----------------------------------------------------------------- helpers
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameters, counting a tied matrix once; optionally without position/token embeddings."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.tok_emb.weight.numel()
+            if self.pos_emb is not None:
+                n -= self.pos_emb.weight.numel()
+        return n
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The state dict to save: a tied LM head is stored once (as the embedding)."""
+        sd = self.state_dict()
+        if self.cfg.tie_embeddings:
+            sd.pop("lm_head.weight", None)
+        return sd
+
+    def load_weights(self, sd: dict[str, torch.Tensor]) -> None:
+        """Load weights saved by `weights()`, with a clear error if they belong to another architecture."""
+        expected = self.weights()
+        missing = sorted(set(expected) - set(sd))
+        unexpected = sorted(set(sd) - set(expected))
+        wrong = [k for k in expected if k in sd and tuple(sd[k].shape) != tuple(expected[k].shape)]
+        if missing or unexpected or wrong:
+            detail = []
+            if missing:
+                detail.append(f"missing {missing[:3]}")
+            if unexpected:
+                detail.append(f"unexpected {unexpected[:3]}")
+            if wrong:
+                k = wrong[0]
+                detail.append(f"shape of {k} is {tuple(sd[k].shape)}, model expects {tuple(expected[k].shape)}")
+            raise HainaError("checkpoint weights do not match this model's architecture (" + "; ".join(detail)
+                             + "); load it with the config.yaml saved beside it")
+        self.load_state_dict(sd, strict=False)
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Mean next-token cross-entropy over targets != ignore_index; logits (B, T, V), targets (B, T)."""
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=ignore_index)
