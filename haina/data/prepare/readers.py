@@ -1,0 +1,324 @@
+"""Read & decode: files, directories and globs → documents, with nothing lost silently.
+
+Each input file (or Hugging Face dataset directory) is one *unit* of work: the parallel workers
+take units, and `--resume` skips the units already done. A unit yields documents as dicts
+`{id, text, source, [label], meta}`; a record that cannot be parsed is yielded too, with
+`reason='malformed_record'` and its file and line in `meta`, so it reaches the rejects. Invalid
+UTF-8 is decoded with U+FFFD replacement and counted in `stats['invalid_utf8']`.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import glob
+import gzip
+import io
+import json
+import lzma
+import os
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from haina.core.errors import HainaError
+from haina.data.prepare.config import PrepareConfig
+
+COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd", ".bz2": "bz2", ".xz": "xz"}
+EXTENSIONS = {".txt": "txt", ".text": "txt", ".md": "txt", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json",
+              ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
+MAX_REJECT_CHARS = 100_000  # a malformed record is kept in rejects, truncated to this many characters
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One input file (or one Hugging Face dataset directory) and its format."""
+
+    path: str
+    format: str  # txt | jsonl | json | csv | tsv | parquet | hf
+    name: str  # path relative to the input it was found under: the prefix of document ids
+
+
+def discover_units(inputs: list[str], fmt: str = "auto", exclude: str | None = None) -> tuple[list[Unit], list[str]]:
+    """Expand files, directories (recursively) and globs into units, in a deterministic order.
+
+    Returns (units, skipped) where `skipped` lists files found in directories whose format is
+    unknown. A named file or pattern that matches nothing is an error. Directories walked are
+    never entered at `exclude` (the output directory, which may sit inside an input directory).
+    """
+    skip_dir = os.path.realpath(exclude) if exclude else None
+    units: list[Unit] = []
+    skipped: list[str] = []
+    for raw in inputs:
+        path = Path(raw)
+        if path.exists():
+            matches = [path]
+        else:
+            matches = [Path(p) for p in sorted(glob.glob(raw, recursive=True))]
+            if not matches:
+                raise HainaError(f"input not found: {raw} (give files, directories or glob patterns)")
+        for m in matches:
+            if m.is_dir():
+                _walk(m, m, fmt, units, skipped, skip_dir)
+            else:
+                f = _format_of(m, fmt)
+                if f is None:
+                    raise HainaError(f"cannot tell the format of {m}; pass --format (txt, jsonl, json, csv, tsv, "
+                                     "parquet or hf)")
+                units.append(Unit(str(m), f, m.name))
+    seen: set[str] = set()
+    unique = []
+    for u in units:  # the same file named twice (a dir and a glob inside it) is read once
+        key = os.path.realpath(u.path)
+        if key not in seen:
+            seen.add(key)
+            unique.append(u)
+    return unique, skipped
+
+
+def _is_hf_dataset(d: Path) -> bool:
+    return (d / "state.json").is_file() and any(d.glob("*.arrow"))
+
+
+def _walk(root: Path, d: Path, fmt: str, units: list[Unit], skipped: list[str], skip_dir: str | None = None) -> None:
+    if fmt in ("auto", "hf") and _is_hf_dataset(d):
+        units.append(Unit(str(d), "hf", str(d.relative_to(root)) if d != root else d.name))
+        return
+    # A DatasetDict saved to disk: dataset_dict.json names the splits, each a dataset directory.
+    hf_dict = fmt in ("auto", "hf") and (d / "dataset_dict.json").is_file()
+    for child in sorted(d.iterdir()):
+        if child.name.startswith("."):  # hidden files and directories are not corpus
+            continue
+        if child.is_dir():
+            if skip_dir is None or os.path.realpath(child) != skip_dir:
+                _walk(root, child, fmt, units, skipped, skip_dir)
+            continue
+        f = None if hf_dict else _format_of(child, fmt)
+        if f is None:
+            skipped.append(str(child))
+        else:
+            units.append(Unit(str(child), f, str(child.relative_to(root))))
+
+
+def _format_of(path: Path, fmt: str) -> str | None:
+    if fmt not in ("auto", "hf"):
+        return fmt
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] in COMPRESSIONS:
+        suffixes = suffixes[:-1]
+    return EXTENSIONS.get(suffixes[-1]) if suffixes else None
+
+
+def open_binary(path: str) -> io.BufferedIOBase:
+    """Open `path` for binary reading, decompressing .gz, .zst, .bz2 and .xz transparently."""
+    kind = COMPRESSIONS.get(Path(path).suffix.lower())
+    if kind == "gzip":
+        return gzip.open(path, "rb")
+    if kind == "bz2":
+        return bz2.open(path, "rb")
+    if kind == "xz":
+        return lzma.open(path, "rb")
+    if kind == "zstd":
+        import zstandard
+
+        raw = open(path, "rb")  # noqa: SIM115 -- owned and closed by the returned reader
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True), 1 << 20)
+    return open(path, "rb")
+
+
+def _decode(raw: bytes, stats: dict) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        stats["invalid_utf8"] = stats.get("invalid_utf8", 0) + 1
+        return raw.decode("utf-8", errors="replace")
+
+
+def _malformed(unit: Unit, line: int, raw: str, error: str) -> dict:
+    return {"id": f"{unit.name}:{line}", "text": raw[:MAX_REJECT_CHARS], "source": unit.path,
+            "reason": "malformed_record", "meta": {"file": unit.path, "line": line, "error": error}}
+
+
+def read_unit(unit: Unit, cfg: PrepareConfig, stats: dict) -> Iterator[dict]:
+    """Yield the documents (and malformed records) of one unit, in file order."""
+    reader = {"txt": _read_txt, "jsonl": _read_jsonl, "json": _read_json, "csv": _read_csv, "tsv": _read_csv,
+              "parquet": _read_parquet, "hf": _read_hf}.get(unit.format)
+    if reader is None:
+        raise HainaError(f"unknown format '{unit.format}' for {unit.path}")
+    import zstandard
+
+    try:
+        yield from reader(unit, cfg, stats)
+    except (OSError, EOFError, lzma.LZMAError, zlib.error, zstandard.ZstdError) as e:
+        # A truncated .gz or .zst ends the unit, but never silently: the rest of the file becomes one reject.
+        yield _malformed(unit, -1, "", f"cannot read the rest of the file: {e}")
+
+
+def _doc(unit: Unit, n: int, text: str, label=None, doc_id=None, meta: dict | None = None) -> dict:
+    doc = {"id": str(doc_id) if doc_id is not None else f"{unit.name}:{n}", "text": text, "source": unit.path,
+           "meta": meta or {}}
+    if label is not None:
+        doc["label"] = label
+    return doc
+
+
+def _read_txt(unit: Unit, cfg: PrepareConfig, stats: dict) -> Iterator[dict]:
+    with open_binary(unit.path) as f:
+        if cfg.split_lines:
+            for n, raw in enumerate(f, 1):
+                yield _doc(unit, n, _decode(raw, stats).rstrip("\r\n"))
+        elif cfg.split_paragraphs:
+            para: list[str] = []
+            start = n = 0
+            for n, raw in enumerate(f, 1):
+                line = _decode(raw, stats).rstrip("\r\n")
+                if line.strip():
+                    if not para:
+                        start = n
+                    para.append(line)
+                elif para:
+                    yield _doc(unit, start, "\n".join(para))
+                    para = []
+            if para:
+                yield _doc(unit, start, "\n".join(para))
+        else:
+            raw = f.read()
+            if raw:  # a zero-byte file holds no document at all (a whitespace-only one is an empty document)
+                yield _doc(unit, 1, _decode(raw, stats))
+
+
+def _record_to_doc(unit: Unit, n: int, rec, raw: str, cfg: PrepareConfig) -> dict:
+    if not isinstance(rec, dict):
+        return _malformed(unit, n, raw, "the record is not a JSON object")
+    if cfg.text_field not in rec:
+        return _malformed(unit, n, raw, f"no '{cfg.text_field}' field (set --text-field)")
+    text = rec[cfg.text_field]
+    if text is None:
+        text = ""
+    if not isinstance(text, str):
+        return _malformed(unit, n, raw, f"'{cfg.text_field}' is a {type(text).__name__}, not a string")
+    meta = rec.get("meta") if isinstance(rec.get("meta"), dict) else {}
+    doc = _doc(unit, n, text, rec.get(cfg.label_field), rec.get("id"), dict(meta))
+    if isinstance(rec.get("source"), str):  # re-reading prepared shards keeps the original provenance
+        doc["source"] = rec["source"]
+    return doc
+
+
+def _read_jsonl(unit: Unit, cfg: PrepareConfig, stats: dict) -> Iterator[dict]:
+    with open_binary(unit.path) as f:
+        for n, raw in enumerate(f, 1):
+            line = _decode(raw, stats).strip()
+            if not line:
+                continue  # blank lines separate nothing in JSONL; they are not documents
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                yield _malformed(unit, n, line, f"invalid JSON: {e.msg} at column {e.colno}")
+                continue
+            yield _record_to_doc(unit, n, rec, line, cfg)
+
+
+def _read_json(unit: Unit, cfg: PrepareConfig, stats: dict) -> Iterator[dict]:
+    with open_binary(unit.path) as f:
+        head = f.peek(64)[:64] if hasattr(f, "peek") else b""
+        if not head.lstrip().startswith(b"["):
+            # A .json file that is not an array is read as JSON lines (a very common mislabeling).
+            f.close()
+            yield from _read_jsonl(unit, cfg, stats)
+            return
+        raw = _decode(f.read(), stats)
+    try:
+        records = json.loads(raw)
+    except json.JSONDecodeError as e:
+        yield _malformed(unit, e.lineno, raw, f"invalid JSON array: {e.msg} at line {e.lineno}")
+        return
+    for n, rec in enumerate(records, 1):
+        yield _record_to_doc(unit, n, rec, json.dumps(rec, ensure_ascii=False) if not isinstance(rec, str) else rec,
+                             cfg)
+
+
+def _read_csv(unit: Unit, cfg: PrepareConfig, stats: dict) -> Iterator[dict]:
+    csv.field_size_limit(1 << 30)
+    delimiter = "\t" if unit.format == "tsv" else ","
+    with open_binary(unit.path) as f:
+        lines = (_decode(raw, stats) for raw in f)
+        reader = csv.reader(lines, delimiter=delimiter)
+        try:
+            header = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            yield _malformed(unit, 1, "", f"unreadable header: {e}")
+            return
+        if cfg.text_field not in header:
+            raise HainaError(f"{unit.path} has no column '{cfg.text_field}' (columns: {', '.join(header)}); "
+                             "set --text-field")
+        ti = header.index(cfg.text_field)
+        li = header.index(cfg.label_field) if cfg.label_field in header else None
+        ii = header.index("id") if "id" in header else None
+        while True:
+            start = reader.line_num + 1
+            try:
+                row = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as e:
+                yield _malformed(unit, start, "", f"CSV error: {e}")
+                continue
+            if not row:
+                continue
+            if len(row) != len(header):
+                yield _malformed(unit, start, delimiter.join(row),
+                                 f"{len(row)} fields where the header has {len(header)}")
+                continue
+            yield _doc(unit, start, row[ti], row[li] if li is not None else None,
+                       row[ii] if ii is not None and row[ii] else None)
+
+
+def _table_batches(unit: Unit, cfg: PrepareConfig, batches, names: list[str]) -> Iterator[dict]:
+    if cfg.text_field not in names:
+        raise HainaError(f"{unit.path} has no column '{cfg.text_field}' (columns: {', '.join(names)}); "
+                         "set --text-field")
+    n = 0
+    for batch in batches:
+        cols = batch.to_pydict()
+        texts = cols[cfg.text_field]
+        labels = cols.get(cfg.label_field)
+        ids = cols.get("id")
+        for i, text in enumerate(texts):
+            n += 1
+            if text is not None and not isinstance(text, str):
+                if isinstance(text, bytes):
+                    text = text.decode("utf-8", errors="replace")
+                else:
+                    yield _malformed(unit, n, str(text), f"'{cfg.text_field}' is not a string")
+                    continue
+            yield _doc(unit, n, text or "", labels[i] if labels else None, ids[i] if ids else None)
+
+
+def _read_parquet(unit: Unit, cfg: PrepareConfig, stats: dict) -> Iterator[dict]:
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(unit.path)
+    names = pf.schema_arrow.names
+    cols = [c for c in (cfg.text_field, cfg.label_field, "id") if c in names]
+    yield from _table_batches(unit, cfg, pf.iter_batches(batch_size=cfg.batch_size, columns=cols or None), names)
+
+
+def _read_hf(unit: Unit, cfg: PrepareConfig, stats: dict) -> Iterator[dict]:
+    """A dataset written by `datasets.Dataset.save_to_disk`: Arrow IPC stream files named in state.json."""
+    import pyarrow as pa
+
+    d = Path(unit.path)
+    state = json.loads((d / "state.json").read_text(encoding="utf-8"))
+    files = [d / f["filename"] for f in state.get("_data_files", [])] or sorted(d.glob("data-*.arrow"))
+
+    def batches():
+        for path in files:
+            with pa.memory_map(str(path)) as src:
+                yield from pa.ipc.open_stream(src)
+
+    with pa.memory_map(str(files[0])) as src:
+        names = pa.ipc.open_stream(src).schema.names
+    yield from _table_batches(unit, cfg, batches(), names)
