@@ -1,0 +1,10 @@
+"""The one training loop, its optimizer, schedules, checkpoints and the `haina pretrain` command.
+
+SFT, LoRA and distillation (haina.finetune) subclass `Trainer` and change data, loss and the
+trainable parameters; they never copy the loop.
+"""
+
+from haina.train.config import DataConfig, PretrainConfig, TrainConfig
+from haina.train.trainer import Trainer, run_pretrain
+
+__all__ = ["DataConfig", "PretrainConfig", "TrainConfig", "Trainer", "run_pretrain"]

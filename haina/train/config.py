@@ -1,0 +1,131 @@
+"""Pretraining configs: frozen, keyword-only dataclasses read from a YAML recipe.
+
+A recipe has four sections:
+
+    model:  a preset plus overrides (`preset: tiny`, `n_layer: 2`), read by `ModelConfig.from_dict`
+    data:   the token-shard directory and, optionally, the tokenizer it was written with
+    train:  everything about the loop (`TrainConfig`)
+    out:    the run directory (default `runs/<recipe name>`)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from haina.core.config import from_dict, load_yaml, to_dict
+from haina.core.errors import HainaError
+from haina.model.config import ModelConfig
+
+Schedule = Literal["cosine", "linear", "constant", "step", "plateau"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    dir: str = "runs/data"  # token shards written by `haina data tokenize`
+    tokenizer: str | None = None  # None: DIR/tokenizer or DIR/../tokenizer
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    # batch: each optimizer step sees batch_size · grad_accum · block_size tokens
+    batch_size: int = 12
+    block_size: int | None = None  # None: the model's block_size
+    grad_accum: int = 1
+    # when to stop: whichever of max_steps, max_minutes and early stopping comes first
+    max_steps: int = 1000
+    max_minutes: float | None = None
+    early_stopping_patience: int = 0  # evaluations without improvement; 0 = off
+    # learning rate: linear warmup, then the schedule down to min_lr
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    schedule: Schedule = "cosine"
+    decay_steps: int | None = None  # cosine/linear reach min_lr here; None: max_steps
+    step_size: int = 1000  # step: multiply the lr by gamma every step_size steps after warmup
+    gamma: float = 0.1
+    plateau_factor: float = 0.5  # plateau: multiply the lr by this after plateau_patience bad evaluations
+    plateau_patience: int = 2
+    plateau_threshold: float = 1e-3  # an evaluation must beat the best by this much to count as better
+    # AdamW
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global gradient norm; 0 = off
+    # hardware
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    compile: bool = False
+    activation_checkpointing: bool = False
+    seed: int = 1337
+    # evaluation, logging, checkpoints
+    eval_every: int = 250
+    eval_batches: int = 20
+    log_every: int = 10
+    save_every: int = 500  # 0: save only at the end
+    keep_last: int = 2  # checkpoints kept besides the best
+    tensorboard: bool = True
+    resume: bool = False  # continue from RUN/checkpoints/index.json's latest
+
+    def __post_init__(self) -> None:
+        positive = {"batch_size": self.batch_size, "grad_accum": self.grad_accum, "eval_every": self.eval_every,
+                    "eval_batches": self.eval_batches, "log_every": self.log_every, "step_size": self.step_size}
+        for name, value in positive.items():
+            if value < 1:
+                raise HainaError(f"train.{name} must be at least 1, got {value}")
+        if self.max_steps < 0 or self.warmup_steps < 0 or self.save_every < 0 or self.keep_last < 0:
+            raise HainaError("train.max_steps, warmup_steps, save_every and keep_last must not be negative")
+        if self.block_size is not None and self.block_size < 1:
+            raise HainaError(f"train.block_size must be positive, got {self.block_size}")
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise HainaError(f"need 0 <= train.min_lr <= train.lr and lr > 0 (lr={self.lr}, min_lr={self.min_lr})")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise HainaError(f"train.max_minutes must be positive, got {self.max_minutes}")
+        if not 0 < self.plateau_factor <= 1 or not 0 < self.gamma <= 1:
+            raise HainaError("train.gamma and train.plateau_factor must be in (0, 1]")
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens per optimizer step (needs block_size resolved)."""
+        if self.block_size is None:
+            raise HainaError("train.block_size is not resolved yet")
+        return self.batch_size * self.grad_accum * self.block_size
+
+
+@dataclass(frozen=True, kw_only=True)
+class PretrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    out: str | None = None  # None: runs/<recipe name>
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PretrainConfig:
+        """From a recipe mapping; unknown keys anywhere are an error with a did-you-mean."""
+        data = dict(data or {})
+        model = data.pop("model", None) or {}
+        if not isinstance(model, dict):
+            raise HainaError("the 'model' section must be a mapping (preset: NAME plus overrides)")
+        # ModelConfig.from_dict expands `preset:`; the generic reader would not.
+        return from_dict(cls, {**data, "model": ModelConfig.from_dict(model)})
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> PretrainConfig:
+        return cls.from_dict(load_yaml(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    def resolved(self) -> PretrainConfig:
+        """block_size filled in from the model, checked against it."""
+        block = self.train.block_size or self.model.block_size
+        if block > self.model.block_size:
+            raise HainaError(f"train.block_size {block} exceeds model.block_size {self.model.block_size}; "
+                             f"lower train.block_size or raise model.block_size")
+        return dataclasses.replace(self, train=dataclasses.replace(self.train, block_size=block))
+
+
+__all__ = ["DataConfig", "PretrainConfig", "Schedule", "TrainConfig"]

@@ -1,0 +1,436 @@
+"""The one training loop.
+
+`Trainer` owns the loop: gradient accumulation, mixed precision, clipping, the learning-rate
+schedule, evaluation, early stopping, time budgets, logging and checkpoints. What differs between
+pretraining, SFT, LoRA and distillation lives in small methods a subclass overrides
+(torchtitan's `Trainer.train_step`):
+
+    next_batch()                  the next (inputs, targets) micro-batch, on the device
+    compute_loss(model, batch)    a scalar loss for one micro-batch
+    trainable_parameters()        (name, parameter) pairs the optimizer updates
+    eval_batches() / eval_step()  validation data and the per-batch (loss sum, count)
+
+`run_pretrain` wires a `PretrainConfig` to token shards, a fresh Transformer and a `Trainer`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from haina.core.config import load_yaml, to_dict
+from haina.core.device import autocast, peak_flops, resolve_device
+from haina.core.errors import HainaError
+from haina.core.io import write_json, write_yaml
+from haina.core.log import info, progress
+from haina.core.seed import seed_everything
+from haina.data.shards import TokenShards, check_tokenizer, find_tokenizer, read_meta
+from haina.model.transformer import Transformer, lm_loss
+from haina.tokenizer import Tokenizer
+from haina.train import checkpoint as ckpt
+from haina.train.config import PretrainConfig, TrainConfig
+from haina.train.flops import flops_per_token, matmul_params, mfu
+from haina.train.optim import build_adamw
+from haina.train.report import RunLog, plot_losses
+from haina.train.schedule import LRSchedule
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+STATE_FORMAT = "haina-trainer-state/1"
+
+
+class BatchSource(Protocol):
+    """What the loop needs from data (`TokenShards` is one)."""
+
+    def get_batch(self, batch_size: int, block_size: int, generator: torch.Generator) -> Batch: ...
+
+    def eval_batches(self, batch_size: int, block_size: int, max_batches: int | None = None) -> Iterator[Batch]: ...
+
+
+class Trainer:
+    """Trains `model` on `train_data` under `cfg`, writing everything into `run_dir`.
+
+    Args:
+        model: the model to train (moved to the configured device).
+        cfg: the `train:` section; `block_size` None means the model's.
+        run_dir: run directory for config.yaml, metrics, checkpoints, report and plot.
+        train_data: source of random training windows.
+        val_data: source of fixed validation windows; None disables evaluation.
+        tokenizer: saved into every checkpoint.
+        config: the full resolved config (all sections), written to RUN/config.yaml and beside each checkpoint.
+    """
+
+    def __init__(self, model: Transformer, cfg: TrainConfig, run_dir: str | Path, *, train_data: BatchSource,
+                 val_data: BatchSource | None = None, tokenizer: Tokenizer | None = None,
+                 config: dict[str, Any] | None = None):
+        if cfg.block_size is None:
+            cfg = dataclasses.replace(cfg, block_size=model.cfg.block_size)
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.train_data, self.val_data, self.tokenizer = train_data, val_data, tokenizer
+        self.config = config if config is not None else {"model": model.cfg.to_dict(), "train": to_dict(cfg)}
+        self.device = resolve_device(cfg.device)
+        if cfg.precision == "fp16" and self.device.type != "cuda":
+            raise HainaError("train.precision=fp16 needs CUDA (it relies on a grad scaler); use bf16 or fp32")
+        seed_everything(cfg.seed)
+        # The data position is this generator's state; it lives on the CPU so runs resume bit-exactly anywhere.
+        self.generator = torch.Generator().manual_seed(cfg.seed)
+
+        self.model = model.to(self.device)
+        self.model.gradient_checkpointing = cfg.activation_checkpointing
+        # Forward passes go through `self.forward_model` (compiled or not); saving uses `self.model`.
+        self.forward_model: nn.Module = torch.compile(self.model) if cfg.compile else self.model
+        self.params = [p for _, p in self.trainable_parameters()]
+        self.optimizer = self.build_optimizer()
+        self.schedule = LRSchedule.from_config(cfg)
+        self.scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
+
+        self.step = 0
+        self.tokens_seen = 0
+        self.best_val_loss = math.inf
+        self.bad_evals = 0  # scheduled evaluations since the best one, for early stopping
+        self.initial_val_loss: float | None = None
+        self.train_seconds = 0.0
+        self.flops_per_token = flops_per_token(model.cfg, matmul_params(model), cfg.block_size)
+        self._peak: float | None = None
+
+    # ----------------------------------------------------------------- overridable steps
+    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """(name, parameter) pairs to optimize; LoRA returns only its adapters."""
+        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        c = self.cfg
+        return build_adamw(self.trainable_parameters(), lr=c.lr, weight_decay=c.weight_decay,
+                           betas=(c.beta1, c.beta2), eps=c.eps, device=self.device)
+
+    def next_batch(self) -> Batch:
+        """The next training micro-batch, on the device."""
+        x, y = self.train_data.get_batch(self.cfg.batch_size, self.cfg.block_size, self.generator)
+        return self._to_device(x), self._to_device(y)
+
+    def compute_loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """Mean next-token cross-entropy of one micro-batch."""
+        x, y = batch
+        return lm_loss(model(x), y)
+
+    def eval_batches(self) -> Iterator[Batch]:
+        assert self.val_data is not None
+        for x, y in self.val_data.eval_batches(self.cfg.batch_size, self.cfg.block_size, self.cfg.eval_batches):
+            yield self._to_device(x), self._to_device(y)
+
+    def eval_step(self, batch: Batch) -> tuple[float, int]:
+        """(sum of per-token losses, number of tokens) for one validation batch."""
+        with autocast(self.device, self.cfg.precision):
+            loss = self.compute_loss(self.forward_model, batch)
+        n = int((batch[1] != -100).sum())
+        return float(loss) * n, n
+
+    def train_step(self, lr: float) -> dict[str, torch.Tensor | None]:
+        """One optimizer step over `grad_accum` micro-batches; returns the mean loss and grad norm (tensors)."""
+        cfg = self.cfg
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total = torch.zeros((), device=self.device)
+        for _ in range(cfg.grad_accum):
+            batch = self.next_batch()
+            with autocast(self.device, cfg.precision):
+                loss = self.compute_loss(self.forward_model, batch)
+            total += loss.detach()
+            # Dividing each micro-batch's mean loss makes the summed gradients those of the full batch's mean.
+            scaled = loss / cfg.grad_accum
+            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip) if cfg.grad_clip > 0 else None
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"loss": total / cfg.grad_accum, "grad_norm": grad_norm}
+
+    # ----------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean validation loss per token, or None without validation data."""
+        if self.val_data is None:
+            return None
+        self.model.eval()
+        total, count = 0.0, 0
+        try:
+            for batch in self.eval_batches():
+                s, n = self.eval_step(batch)
+                total, count = total + s, count + n
+        finally:
+            self.model.train()
+        return total / count if count else None
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything besides the weights needed to continue bit-exactly (plain types and tensors only)."""
+        state = {
+            "format": STATE_FORMAT, "step": self.step, "tokens_seen": self.tokens_seen,
+            "best_val_loss": self.best_val_loss, "bad_evals": self.bad_evals,
+            "initial_val_loss": self.initial_val_loss, "train_seconds": self.train_seconds,
+            "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
+            "rng": ckpt.capture_rng(), "data_generator": self.generator.get_state(),
+        }
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("format") != STATE_FORMAT:
+            raise HainaError(f"trainer state has format {state.get('format')!r}, expected {STATE_FORMAT!r}")
+        self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
+        self.best_val_loss, self.bad_evals = float(state["best_val_loss"]), int(state["bad_evals"])
+        self.initial_val_loss = state["initial_val_loss"]
+        self.train_seconds = float(state["train_seconds"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+        ckpt.restore_rng(state["rng"])
+        self.generator.set_state(state["data_generator"].cpu())
+
+    def resume(self) -> bool:
+        """Load the run's latest checkpoint (weights and state); False if there is none."""
+        path = ckpt.latest_checkpoint(self.run_dir)
+        if path is None:
+            info(f"no checkpoint to resume in {self.run_dir}; starting a new run")
+            return False
+        saved = load_yaml(path / "config.yaml").get("model", {})
+        current = self.model.cfg.to_dict()
+        diff = [f"{k}: {saved.get(k)!r} → {v!r}" for k, v in current.items() if saved.get(k) != v]
+        if diff:
+            raise HainaError(f"cannot resume: {path} was trained with another architecture ({'; '.join(diff[:3])}); "
+                             "use the run's model config or start a new run in another --out")
+        from safetensors.torch import load_file
+
+        self.model.load_weights({k: v.to(self.device) for k, v in load_file(str(path / "model.safetensors")).items()})
+        self.load_state_dict(ckpt.load_state(path))
+        info(f"resumed from {path} (step {self.step}, {self.tokens_seen:,} tokens)")
+        return True
+
+    def save(self, val_loss: float | None) -> Path:
+        return ckpt.save_checkpoint(self.run_dir, step=self.step, model=self.model, tokenizer=self.tokenizer,
+                                    config=self.config, state=self.state_dict(), val_loss=val_loss,
+                                    keep_last=self.cfg.keep_last)
+
+    # ----------------------------------------------------------------- the loop
+    def fit(self) -> dict[str, Any]:
+        """Train until max_steps, max_minutes or early stopping; evaluate, save, report. Returns the report."""
+        cfg = self.cfg
+        wall_start = time.perf_counter()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        resumed = self.resume() if cfg.resume else False
+        if not resumed:
+            self._clear_previous_run()
+        write_yaml(self.run_dir / "config.yaml", self.config)
+        log = RunLog(self.run_dir, tensorboard=cfg.tensorboard, resume_step=self.step if resumed else None)
+        bar = progress(total=cfg.max_steps, initial=self.step, desc="train", unit="step")
+        say = bar.write if not bar.disable else info
+        start_step, start_tokens = self.step, self.tokens_seen
+        info(f"training {self.model.num_params():,} parameters on {self.device} ({cfg.precision}): "
+             f"{cfg.tokens_per_step:,} tokens/step, steps {self.step} → {cfg.max_steps}")
+
+        last_eval: tuple[int, float | None] | None = None  # (step, val loss) of the latest evaluation
+        last_save = -1
+        stopped = "max_steps"
+        if self.step == 0 and self.val_data is not None:
+            last_eval = (0, self._scheduled_eval(log, say))
+        _ = self.peak_flops  # measured now (on CPU) rather than inside the first timed interval
+        mark_time, mark_tokens = time.perf_counter(), self.tokens_seen
+        loss_sum, loss_steps = torch.zeros((), device=self.device), 0
+        try:
+            while self.step < cfg.max_steps:
+                lr = self.schedule(self.step)
+                out = self.train_step(lr)
+                self.step += 1
+                self.tokens_seen += cfg.tokens_per_step
+                loss_sum += out["loss"]
+                loss_steps += 1
+                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                    loss = float(loss_sum) / loss_steps  # the only host sync in the steady state
+                    if not math.isfinite(loss):
+                        raise HainaError(f"training loss became {loss} at step {self.step}; lower train.lr, set "
+                                         "train.grad_clip, or use train.precision=fp32")
+                    now = time.perf_counter()
+                    self.train_seconds += now - mark_time
+                    tps = (self.tokens_seen - mark_tokens) / max(now - mark_time, 1e-9)
+                    rec = {"step": self.step, "loss": loss, "lr": lr, "tokens": self.tokens_seen,
+                           "tokens_per_sec": tps, "mfu": mfu(tps, self.flops_per_token, self.peak_flops),
+                           "grad_norm": None if out["grad_norm"] is None else float(out["grad_norm"])}
+                    log.log(rec, "train")
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", refresh=False)
+                    if bar.disable:
+                        info(f"step {self.step}/{cfg.max_steps}: loss {loss:.4f}, lr {lr:.2e}, {tps:,.0f} tok/s, "
+                             f"mfu {rec['mfu']:.1%}")
+                    loss_sum, loss_steps = torch.zeros((), device=self.device), 0
+                    mark_time, mark_tokens = time.perf_counter(), self.tokens_seen
+                bar.update(1)
+                if self.val_data is not None and self.step % cfg.eval_every == 0:
+                    mark_time = self._pause(mark_time)
+                    last_eval = (self.step, self._scheduled_eval(log, say))
+                    mark_time = time.perf_counter()
+                    if 0 < cfg.early_stopping_patience <= self.bad_evals:
+                        stopped = "early_stopping"
+                        say(f"early stopping: no improvement in {self.bad_evals} evaluations")
+                        break
+                if cfg.max_minutes is not None and time.perf_counter() - wall_start >= cfg.max_minutes * 60:
+                    stopped = "max_minutes"
+                    say(f"time budget of {cfg.max_minutes:g} minutes reached at step {self.step}")
+                    break
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
+                    mark_time = self._pause(mark_time)
+                    self.save(self._val_loss_now(last_eval, log))
+                    last_save = self.step
+                    mark_time = time.perf_counter()
+            self._pause(mark_time)
+            final_val = self._val_loss_now(last_eval, log)
+            if last_save != self.step:
+                self.save(final_val)
+        finally:
+            bar.close()
+            log.close()
+        return self._finish(log, final_val, stopped, wall_start, start_step, start_tokens)
+
+    # ----------------------------------------------------------------- helpers
+    @property
+    def peak_flops(self) -> float:
+        if self._peak is None:
+            # On CPU the peak is measured with random matrices; forking keeps that from consuming the
+            # global RNG, which dropout draws from (a resumed run would otherwise diverge).
+            with torch.random.fork_rng(devices=[]):
+                self._peak = peak_flops(self.device, self.cfg.precision)
+        return self._peak
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
+
+    def _pause(self, mark_time: float) -> float:
+        """Wait for queued device work, count the time since `mark_time` as training; return now."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.train_seconds += now - mark_time
+        return now
+
+    def _scheduled_eval(self, log: RunLog, say) -> float | None:
+        """An evaluation on the eval_every grid: it drives early stopping and reduce-on-plateau."""
+        val = self._eval_and_log(log, say)
+        if val is None:
+            return None
+        if self.initial_val_loss is None:
+            self.initial_val_loss = val
+        self.schedule.observe(val)
+        if val < self.best_val_loss:
+            self.best_val_loss, self.bad_evals = val, 0
+        else:
+            self.bad_evals += 1
+        return val
+
+    def _val_loss_now(self, last_eval: tuple[int, float | None] | None, log: RunLog) -> float | None:
+        """The validation loss of the current weights, evaluating only if not done at this step.
+
+        Such an extra evaluation (before a save or at the end) is recorded but does not feed early
+        stopping or the schedule, so a run that stopped and resumed decides exactly like one that did not.
+        """
+        if self.val_data is None:
+            return None
+        if last_eval is not None and last_eval[0] == self.step:
+            return last_eval[1]
+        return self._eval_and_log(log, info)
+
+    def _eval_and_log(self, log: RunLog, say) -> float | None:
+        val = self.evaluate()
+        if val is None:
+            return None
+        log.log({"step": self.step, "val_loss": val, "val_ppl": math.exp(min(val, 50.0)),
+                 "tokens": self.tokens_seen}, "val")
+        say(f"step {self.step}: val loss {val:.4f} (perplexity {math.exp(min(val, 50.0)):.2f})")
+        return val
+
+    def _clear_previous_run(self) -> None:
+        old = [self.run_dir / n for n in ("checkpoints", "metrics.jsonl", "tb", "report.json", "loss.png")]
+        old = [p for p in old if p.exists()]
+        if old:
+            info(f"{self.run_dir} holds a previous run; starting afresh (pass --resume to continue it instead)")
+        for p in old:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+    def _finish(self, log: RunLog, final_val: float | None, stopped: str, wall_start: float, start_step: int,
+                start_tokens: int) -> dict[str, Any]:
+        tokens_this_run = self.tokens_seen - start_tokens
+        tps = tokens_this_run / self.train_seconds if self.train_seconds > 0 and tokens_this_run else 0.0
+        best = min(self.best_val_loss, final_val if final_val is not None else math.inf)
+        index = ckpt.read_index(self.run_dir) or {}
+        report = {
+            "steps": self.step, "train_tokens": self.tokens_seen,
+            "val_loss": final_val, "val_ppl": None if final_val is None else math.exp(min(final_val, 50.0)),
+            "best_val_loss": None if math.isinf(best) else best, "initial_val_loss": self.initial_val_loss,
+            "tokens_per_sec": tps, "mfu": mfu(tps, self.flops_per_token, self.peak_flops) if tps else 0.0,
+            "wall_seconds": time.perf_counter() - wall_start, "train_seconds": self.train_seconds,
+            "params": self.model.num_params(), "vocab_size": self.model.cfg.vocab_size,
+            "stopped_because": stopped, "steps_this_run": self.step - start_step, "device": str(self.device),
+            "precision": self.cfg.precision, "flops_per_token": self.flops_per_token,
+            "tokens_per_step": self.cfg.tokens_per_step, "run_dir": str(self.run_dir),
+            "checkpoint": str(ckpt.checkpoints_dir(self.run_dir) / index["latest"]) if index.get("latest") else None,
+            "best_checkpoint": str(ckpt.checkpoints_dir(self.run_dir) / index["best"]) if index.get("best") else None,
+        }
+        write_json(self.run_dir / "report.json", report)
+        plot_losses(log.history, self.run_dir / "loss.png", title=f"{self.model.num_params() / 1e6:.2f}M parameters")
+        val_text = f", val loss {final_val:.4f}" if final_val is not None else ""
+        info(f"done: {self.step} steps ({stopped}){val_text}, {tps:,.0f} tok/s; report {self.run_dir / 'report.json'}")
+        return report
+
+
+# --------------------------------------------------------------------------- pretraining
+def run_pretrain(cfg: PretrainConfig, tokenizer: Tokenizer | None = None) -> dict[str, Any]:
+    """Pretrain a fresh Transformer on the token shards named by `cfg`; returns the run report.
+
+    Args:
+        cfg: the full pretraining config (model, data, train, out).
+        tokenizer: the shards' tokenizer if the caller has it; else found via data.tokenizer or beside the shards.
+    """
+    cfg = cfg.resolved()
+    out = Path(cfg.out or "runs/pretrain")
+    meta = read_meta(cfg.data.dir)
+    if tokenizer is None:
+        tokenizer = find_tokenizer(cfg.data.dir, cfg.data.tokenizer)
+    else:
+        check_tokenizer(meta, tokenizer, data_dir=cfg.data.dir)
+    if tokenizer is None:
+        info(f"no tokenizer found for {cfg.data.dir} (set data.tokenizer); checkpoints will not include one")
+    vocab = max(int(meta["vocab_size"]), tokenizer.vocab_size if tokenizer else 0)
+    if vocab > cfg.model.vocab_size:
+        raise HainaError(f"the tokenizer has {vocab} tokens but model.vocab_size is {cfg.model.vocab_size}; "
+                         f"set model.vocab_size ≥ {vocab} (e.g. --model.vocab_size={vocab})")
+    block = cfg.train.block_size
+    train = TokenShards(cfg.data.dir, "train")
+    train.check_length(block)
+    val = None
+    if int(meta["splits"].get("val", {}).get("tokens", 0)) > 0:
+        val = TokenShards(cfg.data.dir, "val")
+        val.check_length(block)
+    else:
+        info(f"{cfg.data.dir} has no validation split; training without evaluation")
+    seed_everything(cfg.train.seed)  # before building the model: its initialization is part of the run
+    model = Transformer(cfg.model)
+    config = {**cfg.to_dict(), "out": str(out)}
+    trainer = Trainer(model, cfg.train, out, train_data=train, val_data=val, tokenizer=tokenizer, config=config)
+    return trainer.fit()
+
+
+__all__ = ["BatchSource", "Trainer", "run_pretrain"]

@@ -1,0 +1,70 @@
+"""Helpers for the training tests: shard directories written by a tiny numpy writer, a char tokenizer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models
+
+from haina.tokenizer import EOT, Tokenizer
+
+SHAKESPEARE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "tinyshakespeare.txt"
+FALLBACK = (
+    "Beautiful is better than ugly. Explicit is better than implicit. Simple is better than complex. "
+    "Complex is better than complicated. Flat is better than nested. Sparse is better than dense. "
+    "Readability counts. Special cases aren't special enough to break the rules.\n"
+)
+
+
+def sample_text(chars: int = 60_000) -> str:
+    """Real text: the start of Tiny Shakespeare if it is there, else a repeated paragraph."""
+    if SHAKESPEARE.is_file():
+        return SHAKESPEARE.read_text(encoding="utf-8")[:chars]
+    return (FALLBACK * (chars // len(FALLBACK) + 1))[:chars]
+
+
+def char_tokenizer(text: str) -> Tokenizer:
+    """A character-level tokenizer: a BPE model with no merges over the text's characters, plus EOT."""
+    vocab = {EOT: 0}
+    for ch in sorted(set(text)):
+        vocab.setdefault(ch, len(vocab))
+    tok = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.decoder = decoders.Fuse()  # characters join without spaces
+    tok.add_special_tokens([EOT])
+    return Tokenizer(tok)
+
+
+def write_shards(out: Path, splits: dict[str, np.ndarray], *, vocab_size: int, eos_id: int = 0,
+                 dtype: str = "uint16", shard_tokens: int = 1 << 20, tokenizer_hash: str = "") -> Path:
+    """Write the haina-shards/1 format: meta.json plus <split>-NNNNN.bin raw little-endian ids."""
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"format": "haina-shards/1", "dtype": dtype, "vocab_size": vocab_size, "eos_id": eos_id,
+            "tokenizer_hash": tokenizer_hash, "splits": {}}
+    for split, ids in splits.items():
+        ids = np.asarray(ids, dtype="<u2" if dtype == "uint16" else "<u4")
+        names = []
+        for i, start in enumerate(range(0, max(len(ids), 1), shard_tokens)):
+            name = f"{split}-{i:05d}.bin"
+            ids[start : start + shard_tokens].tofile(out / name)
+            names.append(name)
+        meta["splits"][split] = {"tokens": len(ids), "documents": int((ids == eos_id).sum()) + 1,
+                                 "shards": names}
+    (out / "meta.json").write_text(json.dumps(meta))
+    return out
+
+
+def text_dataset(root: Path, text: str | None = None, val_fraction: float = 0.1,
+                 save_tokenizer: bool = True) -> tuple[Path, Tokenizer]:
+    """Char-tokenize `text` into ROOT/data (train/val shards) with the tokenizer at ROOT/data/tokenizer."""
+    text = sample_text() if text is None else text
+    tok = char_tokenizer(text)
+    ids = np.array(tok.encode(text), dtype=np.int64)
+    n_val = int(len(ids) * val_fraction)
+    data = write_shards(root / "data", {"train": ids[:-n_val], "val": ids[-n_val:]}, vocab_size=tok.vocab_size,
+                        eos_id=tok.eos_id, shard_tokens=20_000, tokenizer_hash=tok.hash())
+    if save_tokenizer:
+        tok.save(data / "tokenizer")
+    return data, tok
