@@ -1,0 +1,254 @@
+"""Chat templates (Hugging Face's `chat_template` Jinja convention) and `haina chat`, a terminal chat.
+
+The template lives in tokenizer_config.json as `chat_template`, exactly where `transformers`
+looks for it, and is rendered the way `transformers` renders it (a sandboxed Jinja environment
+with trim_blocks and lstrip_blocks), so both give the same prompt string for the same messages.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from functools import lru_cache
+
+from haina.core.errors import HainaError
+from haina.tokenizer import Tokenizer
+
+__all__ = ["DEFAULT_CHAT_TEMPLATE", "IM_END", "IM_START", "apply_chat_template", "chat_command",
+           "chat_stop_strings", "chat_stop_token_ids", "ensure_chat_tokens"]
+
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+
+# ChatML, as used by Qwen and many others; the same text transformers documents for ChatML.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@lru_cache(maxsize=8)
+def _compile(template: str):
+    from jinja2 import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:  # templates call this to reject bad conversations
+        raise TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+        # Jinja's own tojson escapes HTML characters, which transformers (and so templates) do not expect.
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    try:
+        return env.from_string(template)
+    except TemplateError as e:
+        raise HainaError(f"the chat template does not parse: {e}; fix chat_template in tokenizer_config.json") from None
+
+
+def _check_messages(messages: object) -> list[dict]:
+    if not isinstance(messages, (list, tuple)):
+        raise HainaError(f"messages must be a list of {{'role': ..., 'content': ...}} dicts, got {type(messages).__name__}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise HainaError(f"message {i} must be a dict with string 'role' and 'content', got {m!r}")
+    return [dict(m) for m in messages]
+
+
+def apply_chat_template(tokenizer: Tokenizer, messages: Sequence[dict], add_generation_prompt: bool = True,
+                        template: str | None = None) -> str:
+    """Render a conversation to the prompt text the model was trained on.
+
+    Args:
+        tokenizer: supplies the template (`chat_template`, else `DEFAULT_CHAT_TEMPLATE`) and special tokens.
+        messages: [{"role": "system"|"user"|"assistant", "content": str}, ...].
+        add_generation_prompt: end with the opening of an assistant turn.
+        template: a template to use instead of the tokenizer's.
+    """
+    from jinja2 import TemplateError
+
+    msgs = _check_messages(messages)
+    compiled = _compile(template or tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE)
+    specials = {"eos_token": tokenizer.eos_token, "bos_token": tokenizer.bos_token or "",
+                "pad_token": tokenizer.pad_token or "", "additional_special_tokens": list(tokenizer.extra_special)}
+    try:
+        return compiled.render(messages=msgs, add_generation_prompt=add_generation_prompt, **specials)
+    except TemplateError as e:
+        raise HainaError(f"chat template: {e}") from None
+
+
+def chat_stop_token_ids(tokenizer: Tokenizer) -> list[int]:
+    """Token ids that end an assistant turn: EOS, and `<|im_end|>` when it is a token."""
+    ids = [tokenizer.eos_id]
+    end = tokenizer.token_to_id(IM_END)
+    if end is not None and end not in ids:
+        ids.append(end)
+    return ids
+
+
+def chat_stop_strings(tokenizer: Tokenizer, template: str | None = None) -> list[str]:
+    """Text that ends an assistant turn when the ChatML markers are plain text, not single tokens.
+
+    A model that never saw `<|im_end|>` as a token writes it as several, and may go on to open
+    the next turn itself; both strings stop it.
+    """
+    text = template or tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE
+    if IM_END not in text or tokenizer.token_to_id(IM_END) is not None:
+        return []
+    return [IM_END, IM_START]
+
+
+def ensure_chat_tokens(tokenizer: Tokenizer, max_vocab: int | None = None) -> Tokenizer:
+    """A tokenizer with `<|im_start|>`/`<|im_end|>` as special tokens (a copy; unchanged if present).
+
+    Args:
+        tokenizer: the tokenizer to extend.
+        max_vocab: the model's vocabulary size; the new ids must fit below it.
+    """
+    from tokenizers import AddedToken
+    from tokenizers import Tokenizer as HFTokenizer
+
+    missing = [t for t in (IM_START, IM_END) if tokenizer.token_to_id(t) is None]
+    if not missing:
+        return tokenizer
+    if max_vocab is not None and tokenizer.vocab_size + len(missing) > max_vocab:
+        raise HainaError(f"adding the chat tokens {', '.join(missing)} needs a vocabulary of "
+                         f"{tokenizer.vocab_size + len(missing)} but the model has {max_vocab}; train the tokenizer "
+                         f"with --special-tokens including them, or use a model with a larger vocab_size")
+    hf = HFTokenizer.from_str(tokenizer.to_json())
+    hf.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
+    extra = tuple(tokenizer.extra_special) + tuple(t for t in (IM_START, IM_END) if t not in tokenizer.extra_special)
+    return Tokenizer(hf, eos_token=tokenizer.eos_token, bos_token=tokenizer.bos_token, pad_token=tokenizer.pad_token,
+                     chat_template=tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE, extra_special=extra)
+
+
+# ---------------------------------------------------------------------------------------------- the REPL
+HELP = "commands: /reset clears the conversation, /exit (or Ctrl-D) quits, /help shows this"
+
+
+class ChatSession:
+    """A conversation with a model: history, context truncation and streamed replies."""
+
+    def __init__(self, generator, params, system: str | None = None):
+        self.gen, self.system = generator, system
+        tok = generator.tokenizer
+        self.stops = chat_stop_strings(tok)
+        self.params = _with_stop_ids(params, chat_stop_token_ids(tok))
+        self.history: list[dict] = []
+        self.turn = 0
+
+    def reset(self) -> None:
+        self.history = []
+
+    def prompt_for(self, user: str) -> tuple[str, int]:
+        """The rendered prompt for the next reply, dropping the oldest turns until it fits; (text, turns dropped)."""
+        engine, tok = self.gen.engine, self.gen.tokenizer
+        # Leave room for a reply of a useful length even when max_new_tokens exceeds the context.
+        budget = engine.max_seq_len - min(self.params.max_new_tokens, engine.max_seq_len // 4)
+        history, dropped = list(self.history), 0
+        while True:
+            msgs = ([{"role": "system", "content": self.system}] if self.system else []) + history
+            text = apply_chat_template(tok, msgs + [{"role": "user", "content": user}])
+            if len(tok.encode(text)) <= budget or not history:
+                return text, dropped
+            history = history[2:]  # one user + assistant exchange
+            dropped += 1
+
+    def reply(self, user: str, out=sys.stdout) -> str:
+        """Stream the assistant's reply to `out` and record the exchange."""
+        from dataclasses import replace
+
+        text, dropped = self.prompt_for(user)
+        if dropped:
+            self.history = self.history[2 * dropped:]
+            print(f"[context full: dropped the {dropped} oldest exchange(s)]", file=sys.stderr, flush=True)
+        seed = None if self.params.seed is None else self.params.seed + self.turn
+        self.turn += 1
+        pieces: list[str] = []
+        try:
+            for delta in self.gen.stream(text, replace(self.params, seed=seed), stop=self.stops):
+                pieces.append(delta)
+                out.write(delta)
+                out.flush()
+        except KeyboardInterrupt:  # stop this reply, keep the conversation
+            out.write(" [interrupted]")
+        out.write("\n")
+        out.flush()
+        answer = "".join(pieces).strip()
+        self.history += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+        return answer
+
+
+def _with_stop_ids(params, ids: list[int]):
+    from dataclasses import replace
+
+    return replace(params, stop_token_ids=tuple(dict.fromkeys([*params.stop_token_ids, *ids])))
+
+
+def chat_command(checkpoint: str, system: str | None = None, max_new_tokens: int = 256, temperature: float = 0.7,
+                 top_p: float = 0.95, top_k: int = 0, repetition_penalty: float = 1.0, seed: int | None = None,
+                 device: str = "auto") -> int:
+    """Chat with a checkpoint in the terminal: replies stream as they are generated.
+
+    History is kept across turns (the oldest turns are dropped when the context fills). Type
+    /reset to clear it and /exit or Ctrl-D to quit.
+
+    Args:
+        checkpoint: checkpoint or training run directory (with a tokenizer).
+        system: a system message that opens the conversation.
+        max_new_tokens: the longest reply, in tokens.
+        temperature: sampling temperature (0 = greedy).
+        top_p: nucleus sampling threshold, in (0, 1].
+        top_k: sample from the k most likely tokens only (0 = off).
+        repetition_penalty: > 1 discourages repeating tokens already in the conversation.
+        seed: random seed for reproducible replies.
+        device: auto, cpu, cuda, cuda:1 or mps.
+    """
+    from haina.core.device import resolve_device
+    from haina.generate.engine import Engine
+    from haina.generate.sampling import SamplingParams
+    from haina.generate.text import TextGenerator
+    from haina.model.checkpoint import load_model
+
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                            repetition_penalty=repetition_penalty, seed=seed)
+    params.validate()
+    model, tokenizer = load_model(checkpoint, device=resolve_device(device))
+    if tokenizer is None:
+        raise HainaError(f"checkpoint {checkpoint} has no tokenizer/ directory; chat needs one to read and write text")
+    engine = Engine(model, max_batch_size=1, eos_token_id=tokenizer.eos_id)
+    session = ChatSession(TextGenerator(engine, tokenizer), params, system=system)
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    print(f"chatting with {checkpoint} ({model.num_params() / 1e6:.1f}M parameters). {HELP}", flush=True)
+    while True:
+        try:
+            user = input(">>> ")
+        except EOFError:
+            print()
+            return 0
+        except KeyboardInterrupt:  # like Python's REPL: Ctrl-C abandons the line, Ctrl-D quits
+            print()
+            continue
+        command = user.strip()
+        if not command:
+            continue
+        if command in ("/exit", "/quit"):
+            return 0
+        if command == "/reset":
+            session.reset()
+            print("[conversation cleared]", flush=True)
+            continue
+        if command == "/help":
+            print(HELP, flush=True)
+            continue
+        try:
+            session.reply(user)
+        except HainaError as e:  # e.g. one message longer than the context: say so, keep chatting
+            print(f"error: {e}", flush=True)

@@ -1,0 +1,233 @@
+"""Sampling parameters and the logits processors that implement them.
+
+A logits processor is a small function `(logits (B, V) fp32, ctx) -> logits` that may work in
+place. `SamplingContext` carries what the processors need for the B rows of one step: each row's
+params and token history. The engine composes them in the order of `process_logits`; greedy rows
+take the argmax after the penalties, sampled rows go on through temperature, top-k, top-p, min-p.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from haina.core.errors import HainaError
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingParams:
+    """How to pick the next tokens of one request.
+
+    `temperature=0` means greedy. `logprobs`/`prompt_logprobs`: None for none, k >= 0 for the chosen
+    token's log-probability plus the k best alternatives (from the raw model distribution).
+    `num_beams > 1` selects beam search (deterministic: temperature, top-k/p and min-p are ignored).
+    """
+
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    no_repeat_ngram_size: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    seed: int | None = None
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    n: int = 1
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool = False
+
+    def __post_init__(self) -> None:
+        # Lists from JSON or the CLI become tuples so the params stay hashable and frozen.
+        if not isinstance(self.stop_token_ids, tuple):
+            object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+
+    def validate(self, vocab_size: int | None = None) -> None:
+        """Raise `HainaError` with one line naming the first invalid option."""
+        checks = [
+            (self.max_new_tokens >= 1, f"max_new_tokens must be at least 1, got {self.max_new_tokens}"),
+            (self.temperature >= 0, f"temperature must be >= 0 (0 = greedy), got {self.temperature}"),
+            (self.top_k >= 0, f"top_k must be >= 0 (0 = off), got {self.top_k}"),
+            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+            (0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
+            (self.repetition_penalty > 0, f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}"),
+            (self.no_repeat_ngram_size >= 0, f"no_repeat_ngram_size must be >= 0, got {self.no_repeat_ngram_size}"),
+            (self.n >= 1, f"n must be at least 1, got {self.n}"),
+            (self.num_beams >= 1, f"num_beams must be at least 1, got {self.num_beams}"),
+            (self.logprobs is None or self.logprobs >= 0, f"logprobs must be None or >= 0, got {self.logprobs}"),
+            (self.prompt_logprobs is None or self.prompt_logprobs >= 0,
+             f"prompt_logprobs must be None or >= 0, got {self.prompt_logprobs}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise HainaError(message)
+        for t in self.stop_token_ids:
+            if not isinstance(t, int) or isinstance(t, bool):
+                raise HainaError(f"stop_token_ids must be integer token ids, got {t!r}")
+            if t < 0 or (vocab_size is not None and t >= vocab_size):
+                raise HainaError(f"stop token id {t} is outside the vocabulary (0..{(vocab_size or 1) - 1})")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def uses_penalties(self) -> bool:
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+
+@dataclass
+class RowState:
+    """Per-request state the processors read: the full token history and the prompt's length."""
+
+    params: SamplingParams
+    tokens: list[int]  # prompt + generated so far
+    prompt_len: int
+    # no-repeat-ngram index, built incrementally: (n-1)-gram prefix -> tokens that followed it.
+    ngrams: dict[tuple[int, ...], set[int]] = field(default_factory=dict)
+    ngram_upto: int = 0  # tokens[:ngram_upto] have been indexed
+
+
+@dataclass
+class SamplingContext:
+    """The rows of one sampling step."""
+
+    rows: Sequence[RowState]
+
+
+LogitsProcessor = Callable[[torch.Tensor, SamplingContext], torch.Tensor]
+
+
+def apply_penalties(logits: torch.Tensor, ctx: SamplingContext) -> torch.Tensor:
+    """Repetition penalty over prompt + output (CTRL / Hugging Face: divide positive logits, multiply
+    negative ones) and OpenAI's presence / frequency penalties over the generated tokens only."""
+    V = logits.size(-1)
+    for i, row in enumerate(ctx.rows):
+        p = row.params
+        if not p.uses_penalties:
+            continue
+        tokens = torch.tensor(row.tokens, device=logits.device)
+        if p.repetition_penalty != 1.0:
+            seen = torch.unique(tokens)
+            vals = logits[i, seen]
+            logits[i, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        if (p.presence_penalty or p.frequency_penalty) and len(row.tokens) > row.prompt_len:
+            counts = torch.bincount(tokens[row.prompt_len:], minlength=V).to(logits.dtype)
+            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def banned_ngram_tokens(row: RowState) -> set[int]:
+    """Tokens that would complete an n-gram already present in the row's history."""
+    n = row.params.no_repeat_ngram_size
+    toks = row.tokens
+    if n <= 0 or len(toks) < n - 1:
+        return set()
+    if n == 1:
+        return set(toks)
+    # Index every n-gram that ends before the last n-1 tokens (incrementally: each step adds one).
+    for end in range(max(row.ngram_upto, n), len(toks) + 1):
+        row.ngrams.setdefault(tuple(toks[end - n:end - 1]), set()).add(toks[end - 1])
+    row.ngram_upto = max(row.ngram_upto, len(toks) + 1)
+    return row.ngrams.get(tuple(toks[len(toks) - n + 1:]), set())
+
+
+def apply_no_repeat_ngram(logits: torch.Tensor, ctx: SamplingContext) -> torch.Tensor:
+    """Forbid any token that would repeat an n-gram of the history (prompt included, as Hugging Face)."""
+    for i, row in enumerate(ctx.rows):
+        if row.params.no_repeat_ngram_size > 0:
+            banned = banned_ngram_tokens(row)
+            if banned:
+                logits[i, list(banned)] = float("-inf")
+    return logits
+
+
+def apply_temperature(logits: torch.Tensor, ctx: SamplingContext) -> torch.Tensor:
+    temps = [r.params.temperature if r.params.temperature > 0 else 1.0 for r in ctx.rows]
+    if any(t != 1.0 for t in temps):
+        logits /= torch.tensor(temps, device=logits.device, dtype=logits.dtype)[:, None]
+    return logits
+
+
+def apply_top_k_top_p(logits: torch.Tensor, ctx: SamplingContext) -> torch.Tensor:
+    """Keep each row's k most likely tokens, then the smallest set whose probability reaches top_p."""
+    V = logits.size(-1)
+    ks = [r.params.top_k if 0 < r.params.top_k < V else V for r in ctx.rows]
+    ps = [r.params.top_p for r in ctx.rows]
+    use_k, use_p = any(k < V for k in ks), any(p < 1.0 for p in ps)
+    if not (use_k or use_p):
+        return logits
+    sorted_logits, _ = logits.sort(dim=-1, descending=True)  # (B, V)
+    keep = torch.tensor(ks, device=logits.device)
+    if use_p:
+        cols = torch.arange(V, device=logits.device)
+        masked = sorted_logits.masked_fill(cols[None] >= keep[:, None], float("-inf"))
+        probs = masked.softmax(dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # probability mass strictly above each token
+        top_p = torch.tensor(ps, device=logits.device, dtype=probs.dtype)
+        # A token stays while the mass above it is below top_p: the first always stays.
+        keep = torch.minimum(keep, (before < top_p[:, None]).sum(dim=-1).clamp(min=1))
+    threshold = sorted_logits.gather(1, (keep - 1)[:, None])  # (B, 1): smallest logit kept
+    return logits.masked_fill(logits < threshold, float("-inf"))
+
+
+def apply_min_p(logits: torch.Tensor, ctx: SamplingContext) -> torch.Tensor:
+    """Drop tokens whose probability is below min_p times the most likely token's."""
+    mins = [r.params.min_p for r in ctx.rows]
+    if not any(mins):
+        return logits
+    probs = logits.softmax(dim=-1)
+    floor = torch.tensor(mins, device=logits.device, dtype=probs.dtype)[:, None] * probs.amax(dim=-1, keepdim=True)
+    return logits.masked_fill(probs < floor, float("-inf"))
+
+
+# Applied to every row (greedy too), then the greedy rows take their argmax.
+PENALTY_PROCESSORS: tuple[LogitsProcessor, ...] = (apply_penalties, apply_no_repeat_ngram)
+# Applied to the sampled rows only.
+SAMPLING_PROCESSORS: tuple[LogitsProcessor, ...] = (apply_temperature, apply_top_k_top_p, apply_min_p)
+
+
+def process_logits(logits: torch.Tensor, ctx: SamplingContext,
+                   processors: Sequence[LogitsProcessor]) -> torch.Tensor:
+    """Run `processors` in order; each may modify `logits` in place."""
+    for proc in processors:
+        logits = proc(logits, ctx)
+    return logits
+
+
+def sample_tokens(logits: torch.Tensor, rows: Sequence[RowState],
+                  generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """Choose one token per row from raw logits (B, V) fp32 (modified in place): (B,) int64.
+
+    Rows with a generator draw from it alone, so a seeded request's samples do not depend on the
+    other rows of the batch; the rest share the global RNG in one call.
+    """
+    ctx = SamplingContext(rows)
+    if any(r.params.uses_penalties or r.params.no_repeat_ngram_size for r in rows):
+        logits = process_logits(logits, ctx, PENALTY_PROCESSORS)
+    greedy = [i for i, r in enumerate(rows) if r.params.greedy]
+    if len(greedy) == len(rows):
+        return logits.argmax(dim=-1)
+    out = torch.empty(len(rows), dtype=torch.long, device=logits.device)
+    if greedy:
+        idx = torch.tensor(greedy, device=logits.device)
+        out[idx] = logits[idx].argmax(dim=-1)
+    sampled = [i for i, r in enumerate(rows) if not r.params.greedy]
+    sub = logits if len(sampled) == len(rows) else logits[sampled]
+    sub = process_logits(sub, SamplingContext([rows[i] for i in sampled]), SAMPLING_PROCESSORS)
+    probs = sub.softmax(dim=-1)
+    shared = [j for j, i in enumerate(sampled) if generators[i] is None]
+    if shared:
+        picks = torch.multinomial(probs[shared], 1).squeeze(-1)
+        out[torch.tensor([sampled[j] for j in shared], device=logits.device)] = picks
+    for j, i in enumerate(sampled):
+        if generators[i] is not None:
+            out[i] = torch.multinomial(probs[j], 1, generator=generators[i])[0]
+    return out
