@@ -56,7 +56,7 @@ def _load(target: str):
 def _doc_parts(fn) -> tuple[str, dict[str, str]]:
     """Split a Google-style docstring into its description and per-argument help."""
     doc = inspect.getdoc(fn) or ""
-    parts = re.split(r"^Args:\s*$", doc, maxsplit=1, flags=re.M)
+    parts = re.split(r"^Args:\s*$", doc, maxsplit=1, flags=re.MULTILINE)
     description = parts[0].strip()
     args: dict[str, str] = {}
     if len(parts) == 2:
@@ -93,7 +93,7 @@ def _add_function_args(parser: argparse.ArgumentParser, fn) -> None:
         required = param.default is inspect.Parameter.empty
         default = None if required else param.default
         help_text = arg_help.get(name, "")
-        if not required and default not in (None, False, [], ()):
+        if not required and default is not None and default is not False and default not in ([], ()):
             help_text += f" (default: {default})"
         kwargs: dict[str, Any] = {"dest": name, "help": help_text.strip() or None}
         if tp is bool:
@@ -115,7 +115,7 @@ def _call(fn, ns: argparse.Namespace, extra: list[str]) -> Any:
     hints = get_type_hints(fn)
     sig = inspect.signature(fn)
     kwargs: dict[str, Any] = {}
-    for name, param in sig.parameters.items():
+    for name in sig.parameters:
         if name == "overrides":
             kwargs[name] = _collect_overrides(extra)
             continue
@@ -252,4 +252,4 @@ if __name__ == "__main__":
     raise SystemExit(main())
 
 
-__all__ = ["main", "build_parser", "COMMANDS", "Path"]
+__all__ = ["COMMANDS", "Path", "build_parser", "main"]

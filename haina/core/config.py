@@ -50,9 +50,9 @@ def coerce(value: Any, tp: Any, name: str) -> Any:
         return value
     if origin in (Union, types.UnionType):
         args = [a for a in get_args(tp) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            if type(None) in get_args(tp):
-                return None
+        if (value is None or (isinstance(value, str) and value.lower() in ("none", "null"))) and \
+                type(None) in get_args(tp):
+            return None
         errors = []
         for a in args:
             try:
@@ -136,7 +136,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     """
     out: dict[str, Any] = {}
     for item in items:
-        item = item[2:] if item.startswith("--") else item
+        item = item.removeprefix("--")
         if "=" not in item:
             raise HainaError(f"override '{item}' must look like key.sub=value")
         key, value = item.split("=", 1)
@@ -185,4 +185,4 @@ def replace(cfg: T, **changes: Any) -> T:
     return dataclasses.replace(cfg, **changes)
 
 
-__all__ = ["to_dict", "from_dict", "coerce", "parse_overrides", "merge", "load_yaml", "replace"]
+__all__ = ["coerce", "from_dict", "load_yaml", "merge", "parse_overrides", "replace", "to_dict"]

@@ -58,8 +58,9 @@ def measured_matmul_flops(device: torch.device, n: int = 1024, repeats: int = 5)
     key = str(device)
     if key in _MEASURED:
         return _MEASURED[key]
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # leave the user's RNG alone
+        a = torch.randn(n, n, device=device)
+        b = torch.randn(n, n, device=device)
     a @ b  # warm-up
     best = float("inf")
     for _ in range(repeats):

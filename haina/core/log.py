@@ -42,7 +42,7 @@ class JsonlLogger:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(self.path, "a", encoding="utf-8")
+        self._f = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 — held open for the run; close() closes it
 
     def log(self, record: dict[str, Any]) -> None:
         record = {"time": round(time.time(), 3), **record}

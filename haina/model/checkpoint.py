@@ -77,7 +77,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", which: Lite
     model = Transformer(cfg)
     try:
         sd = load_file(str(ckpt / WEIGHTS))
-    except Exception as e:  # safetensors raises its own error types for corrupt files
+    except Exception as e:  # noqa: BLE001 — safetensors raises its own error types for corrupt files
         raise HainaError(f"cannot read weights {ckpt / WEIGHTS}: {e}") from None
     model.load_weights(sd)
     model.to(device=device, dtype=dtype).eval()

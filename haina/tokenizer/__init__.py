@@ -2,4 +2,4 @@
 
 from haina.tokenizer.tokenizer import EOT, Tokenizer
 
-__all__ = ["Tokenizer", "EOT"]
+__all__ = ["EOT", "Tokenizer"]

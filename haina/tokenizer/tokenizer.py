@@ -106,7 +106,7 @@ class Tokenizer:
             raise HainaError(f"no tokenizer.json at {path}; train one with `haina tokenizer train`")
         try:
             tok = HFTokenizer.from_file(str(file))
-        except Exception as e:  # the Rust library raises plain Exceptions for bad files
+        except Exception as e:  # noqa: BLE001 — the Rust library raises plain Exceptions for bad files
             raise HainaError(f"cannot read tokenizer {file}: {e}") from None
         cfg_file = file.parent / "tokenizer_config.json"
         cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}

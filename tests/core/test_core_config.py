@@ -56,9 +56,8 @@ def test_override_without_equals():
 def test_atomic_path_leaves_old_file_on_failure(tmp_path):
     target = tmp_path / "a.json"
     write_json(target, {"v": 1})
-    with pytest.raises(RuntimeError):
-        with atomic_path(target) as tmp:
-            tmp.write_text("partial")
-            raise RuntimeError("crash mid-write")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("partial")
+        raise RuntimeError("crash mid-write")
     assert target.read_text().strip().startswith("{") and '"v": 1' in target.read_text()
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"]

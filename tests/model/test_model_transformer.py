@@ -11,9 +11,10 @@ from haina.model.params import count_params
 
 VARIANTS = {
     "gpt2": {},
-    "llama-gqa": dict(norm="rmsnorm", pos="rope", mlp="swiglu", bias=False, n_kv_head=2, tie_embeddings=False),
-    "mqa-sinusoidal-relu": dict(pos="sinusoidal", mlp="relu", n_kv_head=1, init="xavier"),
-    "kaiming-nobias": dict(init="kaiming", bias=False, dropout=0.1),
+    "llama-gqa": {"norm": "rmsnorm", "pos": "rope", "mlp": "swiglu", "bias": False, "n_kv_head": 2,
+                  "tie_embeddings": False},
+    "mqa-sinusoidal-relu": {"pos": "sinusoidal", "mlp": "relu", "n_kv_head": 1, "init": "xavier"},
+    "kaiming-nobias": {"init": "kaiming", "bias": False, "dropout": 0.1},
 }
 
 
@@ -71,11 +72,11 @@ def test_gqa_equals_mha_with_repeated_heads():
     for i in range(cfg.n_layer):
         w = sd[f"blocks.{i}.attn.qkv.weight"]
         q, k, v = w.split([nh * hs, nkv * hs, nkv * hs])
-        rep = lambda t: t.view(nkv, hs, -1).repeat_interleave(nh // nkv, 0).reshape(nh * hs, -1)  # noqa: E731
+        rep = lambda t: t.view(nkv, hs, -1).repeat_interleave(nh // nkv, 0).reshape(nh * hs, -1)
         sd[f"blocks.{i}.attn.qkv.weight"] = torch.cat([q, rep(k), rep(v)])
         b = sd[f"blocks.{i}.attn.qkv.bias"]
         qb, kb, vb = b.split([nh * hs, nkv * hs, nkv * hs])
-        repb = lambda t: t.view(nkv, hs).repeat_interleave(nh // nkv, 0).reshape(-1)  # noqa: E731
+        repb = lambda t: t.view(nkv, hs).repeat_interleave(nh // nkv, 0).reshape(-1)
         sd[f"blocks.{i}.attn.qkv.bias"] = torch.cat([qb, repb(kb), repb(vb)])
     mha.load_state_dict(sd)
     x = torch.randint(0, 97, (2, 12))
