@@ -37,6 +37,9 @@ class TrainConfig:
     # when to stop: whichever of max_steps, max_minutes and early stopping comes first
     max_steps: int = 1000
     max_minutes: float | None = None
+    # With max_minutes: once warmup is over, measure the step time and shorten max_steps (and the decay
+    # horizon) to what fits the budget, so a time-boxed run still anneals its learning rate to min_lr.
+    fit_to_budget: bool = False
     early_stopping_patience: int = 0  # evaluations without improvement; 0 = off
     # learning rate: linear warmup, then the schedule down to min_lr
     lr: float = 1e-3

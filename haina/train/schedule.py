@@ -81,10 +81,11 @@ class LRSchedule:
             self.bad_evals = 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"scale": self.scale, "best": self.best, "bad_evals": self.bad_evals}
+        return {"scale": self.scale, "best": self.best, "bad_evals": self.bad_evals, "decay_steps": self.decay_steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.scale, self.best, self.bad_evals = float(state["scale"]), float(state["best"]), int(state["bad_evals"])
+        self.decay_steps = int(state.get("decay_steps", self.decay_steps))  # moved by train.fit_to_budget
 
 
 __all__ = ["LRSchedule", "warmup_decay_lr"]

@@ -246,20 +246,31 @@ class Trainer:
         last_eval: tuple[int, float | None] | None = None  # (step, val loss) of the latest evaluation
         last_save = -1
         stopped = "max_steps"
+        eval_seconds = 0.0  # what one scheduled evaluation costs, for fit_to_budget
         if self.step == 0 and self.val_data is not None:
+            t0 = time.perf_counter()
             last_eval = (0, self._scheduled_eval(log, say))
+            eval_seconds = time.perf_counter() - t0
+        max_steps = cfg.max_steps
+        fit_at = self.step + max(cfg.warmup_steps, 10) if cfg.fit_to_budget and cfg.max_minutes else None
         _ = self.peak_flops  # measured now (on CPU) rather than inside the first timed interval
+        loop_start, loop_step = time.perf_counter(), self.step
         mark_time, mark_tokens = time.perf_counter(), self.tokens_seen
         loss_sum, loss_steps = torch.zeros((), device=self.device), 0
         try:
-            while self.step < cfg.max_steps:
+            while self.step < max_steps:
                 lr = self.schedule(self.step)
                 out = self.train_step(lr)
                 self.step += 1
                 self.tokens_seen += cfg.tokens_per_step
                 loss_sum += out["loss"]
                 loss_steps += 1
-                if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                if self.step == fit_at:
+                    max_steps = self._fit_to_budget(max_steps, wall_start, loop_start, loop_step, eval_seconds, say)
+                    bar.total = max_steps
+                    if max_steps < cfg.max_steps:
+                        stopped = "max_minutes"  # the budget, not max_steps, now ends the run
+                if self.step % cfg.log_every == 0 or self.step == max_steps:
                     loss = float(loss_sum) / loss_steps  # the only host sync in the steady state
                     if not math.isfinite(loss):
                         raise HainaError(f"training loss became {loss} at step {self.step}; lower train.lr, set "
@@ -273,7 +284,7 @@ class Trainer:
                     log.log(rec, "train")
                     bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", refresh=False)
                     if bar.disable:
-                        info(f"step {self.step}/{cfg.max_steps}: loss {loss:.4f}, lr {lr:.2e}, {tps:,.0f} tok/s, "
+                        info(f"step {self.step}/{max_steps}: loss {loss:.4f}, lr {lr:.2e}, {tps:,.0f} tok/s, "
                              f"mfu {rec['mfu']:.1%}")
                     loss_sum, loss_steps = torch.zeros((), device=self.device), 0
                     mark_time, mark_tokens = time.perf_counter(), self.tokens_seen
@@ -290,7 +301,7 @@ class Trainer:
                     stopped = "max_minutes"
                     say(f"time budget of {cfg.max_minutes:g} minutes reached at step {self.step}")
                     break
-                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < max_steps:
                     mark_time = self._pause(mark_time)
                     self.save(self._val_loss_now(last_eval, log))
                     last_save = self.step
@@ -305,6 +316,21 @@ class Trainer:
         return self._finish(log, final_val, stopped, wall_start, start_step, start_tokens)
 
     # ----------------------------------------------------------------- helpers
+    def _fit_to_budget(self, max_steps: int, wall_start: float, loop_start: float, loop_step: int,
+                       eval_seconds: float, say) -> int:
+        """The number of steps that fit the rest of the time budget; the decay horizon moves with it."""
+        now = time.perf_counter()
+        per_step = (now - loop_start) / max(1, self.step - loop_step)
+        remaining = self.cfg.max_minutes * 60 - (now - wall_start) - eval_seconds  # the final evaluation
+        per_step_total = per_step + (eval_seconds / self.cfg.eval_every if self.val_data is not None else 0.0)
+        fit = self.step + max(0, int(0.97 * remaining / per_step_total))  # 3% slack for noise
+        if fit < max_steps:
+            max_steps = fit
+            say(f"fit_to_budget: {per_step * 1000:.0f} ms/step, training to step {max_steps} within "
+                f"{self.cfg.max_minutes:g} minutes")
+        self.schedule.decay_steps = min(self.schedule.decay_steps, max_steps)
+        return max_steps
+
     @property
     def peak_flops(self) -> float:
         if self._peak is None:

@@ -1,6 +1,7 @@
 """The training loop: bit-exact resume, gradient accumulation, learning, stopping, checkpoints."""
 
 import json
+import time
 from pathlib import Path
 from typing import ClassVar
 
@@ -160,6 +161,19 @@ def test_time_budget_stops_cleanly(data, tmp_path):
                      val_data=val).fit()
     assert report["stopped_because"] == "max_minutes" and report["steps"] == 1
     assert report["val_loss"] is not None and ckpt.read_index(tmp_path)["latest"] == "step-0000001"
+
+
+def test_fit_to_budget_anneals_within_the_time_budget(data, tmp_path):
+    train, val, _ = data
+    cfg = config(max_steps=1_000_000, max_minutes=0.05, fit_to_budget=True, warmup_steps=5, log_every=1,
+                 min_lr=1e-5, eval_every=1000)
+    t0 = time.perf_counter()
+    report = Trainer(small_model(), cfg, tmp_path, train_data=train, val_data=val).fit()
+    assert time.perf_counter() - t0 < 0.05 * 60 + 3  # the budget (3 s) plus saving and the final evaluation
+    assert report["stopped_because"] == "max_minutes" and 5 < report["steps"] < 1_000_000
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in rows if "lr" in r]
+    assert lrs[-1] < 0.5 * cfg.lr  # the cosine ran (most of) its course by the budget, not by max_steps
 
 
 def test_pruning_keeps_last_k_and_best(data, tmp_path):
