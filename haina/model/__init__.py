@@ -3,4 +3,4 @@
 from haina.model.config import PRESETS, ModelConfig
 from haina.model.transformer import Transformer
 
-__all__ = ["ModelConfig", "PRESETS", "Transformer"]
+__all__ = ["PRESETS", "ModelConfig", "Transformer"]
