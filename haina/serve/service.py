@@ -1,0 +1,456 @@
+"""Requests in, engine work out: validation, tokenization, streaming, detokenization and stop strings.
+
+The `Service` loads the checkpoint on a background thread (so the HTTP server answers /health at
+once), then runs one `EngineLoop`. Each HTTP request becomes one engine sequence per prompt and
+sample; its events come back on the request's own asyncio queue, where they are turned into text
+(incrementally, UTF-8 safe) and checked for stop strings. A stop string hit aborts the engine
+request so its slot frees at the next step. Everything a request could get wrong is checked
+before anything is submitted, so a bad request never reaches the engine thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from haina.core.errors import HainaError
+from haina.core.log import logger
+from haina.generate.chat import DEFAULT_CHAT_TEMPLATE, apply_chat_template, chat_stop_strings, chat_stop_token_ids
+from haina.generate.detok import IncrementalDetokenizer, StopStringMatcher
+from haina.generate.engine import Engine
+from haina.generate.outputs import StepEvent, TokenLogprob
+from haina.generate.sampling import SamplingParams
+from haina.serve.formats import ChatFormat, CompletionFormat, sse
+from haina.serve.loop import EngineFailure, EngineLoop, QueueFull, Sequence
+from haina.serve.metrics import ServeMetrics
+from haina.serve.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from haina.tokenizer import Tokenizer
+
+__all__ = ["APIError", "Service", "ServiceConfig"]
+
+GREEDY_BELOW = 1e-5  # temperatures this small are greedy: dividing logits by them overflows fp32
+Disconnected = Callable[[], Awaitable[bool]]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServiceConfig:
+    """What `haina serve` serves and how.
+
+    Args:
+        checkpoint: checkpoint or training run directory (with a tokenizer).
+        served_model_name: the name clients use as `model` (default: the checkpoint directory's name).
+        max_batch_size: sequences decoded together (KV-cache slots); 1 serves one request at a time.
+        max_queue: most sequences waiting for a slot; beyond it requests get 429.
+        max_model_len: context length, prompt plus completion (default: the model's block size).
+        device: auto, cpu, cuda, cuda:1 or mps.
+        api_keys: accepted bearer keys; empty means no authentication.
+        max_body_bytes: largest request body accepted (413 beyond).
+    """
+
+    checkpoint: str
+    served_model_name: str | None = None
+    max_batch_size: int = 16
+    max_queue: int = 256
+    max_model_len: int | None = None
+    device: str = "auto"
+    api_keys: tuple[str, ...] = ()
+    max_body_bytes: int = 4 * 1024 * 1024
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or Path(self.checkpoint).resolve().name
+
+
+class APIError(Exception):
+    """An error answered in the OpenAI shape with an HTTP status."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, type: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.type = status, message, param, type
+
+
+Loader = Callable[[ServiceConfig], tuple[Any, Tokenizer | None]]
+
+
+def load_checkpoint(config: ServiceConfig) -> tuple[Any, Tokenizer | None]:
+    """The default loader: the checkpoint's model (eval mode, on the device) and tokenizer."""
+    from haina.core.device import resolve_device
+    from haina.model.checkpoint import load_model
+
+    return load_model(config.checkpoint, device=resolve_device(config.device))
+
+
+class Service:
+    """The serving state of one model: loading, the engine loop and the request logic.
+
+    Args:
+        config: what to serve.
+        metrics: where to record (a fresh registry by default).
+        loader: builds (model, tokenizer) from the config; tests swap in slow or failing loaders.
+    """
+
+    def __init__(self, config: ServiceConfig, metrics: ServeMetrics | None = None, loader: Loader | None = None):
+        self.config = config
+        self.metrics = metrics or ServeMetrics()
+        self._loader = loader or load_checkpoint
+        self.loop: EngineLoop | None = None
+        self.tokenizer: Tokenizer | None = None
+        self.load_error: str | None = None
+        self.max_model_len = 0
+        self.vocab_size = 0
+        self._loaded = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.on_load_error: Callable[[str], None] | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def ready(self) -> bool:
+        return self.loop is not None
+
+    def start(self) -> None:
+        """Load the model on a background thread; `ready` turns true when it is served."""
+        self._thread = threading.Thread(target=self._load, name="haina-load", daemon=True)
+        self._thread.start()
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        self._loaded.wait(timeout)
+        return self.ready
+
+    def _load(self) -> None:
+        try:
+            model, tokenizer = self._loader(self.config)
+            if tokenizer is None:
+                raise HainaError(f"checkpoint {self.config.checkpoint} has no tokenizer/ directory; serving needs one")
+            cfg = self.config
+
+            def make_engine() -> Engine:
+                return Engine(model, max_batch_size=cfg.max_batch_size, max_seq_len=cfg.max_model_len,
+                              eos_token_id=tokenizer.eos_id)
+
+            loop = EngineLoop(make_engine, self.metrics, max_queue=cfg.max_queue)
+            self.tokenizer, self.vocab_size = tokenizer, model.cfg.vocab_size
+            self.max_model_len = loop.engine.max_seq_len
+            self.loop = loop
+            logger.info(f"serving {cfg.model_name} ({model.num_params() / 1e6:.1f}M parameters, context "
+                        f"{self.max_model_len}, batch {cfg.max_batch_size})")
+        except Exception as e:  # noqa: BLE001 - reported by /health and the log, not lost
+            self.load_error = str(e) if isinstance(e, HainaError) else f"{type(e).__name__}: {e}"
+            logger.error(f"error: cannot load the model: {self.load_error}")
+            if self.on_load_error is not None:
+                self.on_load_error(self.load_error)
+        finally:
+            self._loaded.set()
+
+    def close(self) -> None:
+        if self.loop is not None:
+            self.loop.close()
+
+    # ------------------------------------------------------------------ checks shared by every endpoint
+    def _require_ready(self) -> tuple[EngineLoop, Tokenizer]:
+        if self.loop is None or self.tokenizer is None:
+            why = f"the model failed to load: {self.load_error}" if self.load_error else "the model is still loading"
+            raise APIError(503, f"{why}; retry when GET /health answers 200")
+        return self.loop, self.tokenizer
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.config.model_name:
+            raise APIError(404, f"the model '{name}' does not exist; this server serves '{self.config.model_name}'",
+                           param="model", type="model_not_found")
+
+    def models(self) -> dict[str, Any]:
+        card = {"id": self.config.model_name, "object": "model", "created": int(time.time()), "owned_by": "haina",
+                "max_model_len": self.max_model_len or None}
+        return {"object": "list", "data": [card]}
+
+    def _check_ids(self, ids: list[int], limit: int, what: str = "prompt") -> None:
+        bad = next((t for t in ids if not 0 <= t < limit), None)
+        if bad is not None:
+            raise APIError(400, f"{what} token id {bad} is outside the vocabulary (0..{limit - 1})", param=what)
+
+    def _encode(self, tok: Tokenizer, text: str) -> list[int]:
+        ids = tok.encode(text)
+        if not ids:
+            raise APIError(400, "the prompt is empty; give at least one character or token", param="prompt")
+        return ids
+
+    def _params(self, req: CompletionRequest | ChatCompletionRequest, max_tokens: int, logprobs: int | None,
+                prompt_logprobs: int | None = None, stop_ids: tuple[int, ...] = ()) -> SamplingParams:
+        if req.n > self.config.max_queue:
+            raise APIError(400, f"n={req.n} exceeds the server's queue of {self.config.max_queue} sequences",
+                           param="n")
+        params = SamplingParams(
+            max_new_tokens=max(1, max_tokens), temperature=0.0 if req.temperature < GREEDY_BELOW else req.temperature,
+            top_p=req.top_p, top_k=max(0, req.top_k), min_p=req.min_p, repetition_penalty=req.repetition_penalty,
+            presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty, stop_token_ids=stop_ids,
+            ignore_eos=req.ignore_eos, seed=req.seed, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+        try:
+            params.validate(self.vocab_size)
+        except HainaError as e:
+            raise APIError(400, str(e)) from None
+        return params
+
+    def _fits(self, ids: list[int], max_tokens: int) -> None:
+        if len(ids) + max_tokens > self.max_model_len:
+            raise APIError(400, f"the prompt has {len(ids)} tokens and max_tokens is {max_tokens}, beyond the "
+                           f"context of {self.max_model_len} tokens; shorten the prompt or lower max_tokens",
+                           param="max_tokens")
+
+    # ------------------------------------------------------------------ /v1/completions
+    async def completions(self, req: CompletionRequest, disconnected: Disconnected | None = None):
+        """A completion response (dict) or, for stream=true, an async iterator of SSE lines."""
+        loop, tok = self._require_ready()
+        self.check_model(req.model)
+        arrival = time.perf_counter()
+        if req.best_of is not None and req.best_of != req.n:
+            raise APIError(400, "best_of other than n is not supported; use n", param="best_of")
+        prompts = _prompt_ids(req.prompt, tok, self)
+        max_tokens = 16 if req.max_tokens is None else req.max_tokens
+        if max_tokens == 0 and not req.echo:
+            raise APIError(400, "max_tokens must be at least 1 (0 is allowed only with echo=true, to score the "
+                           "prompt)", param="max_tokens")
+        for ids in prompts:
+            self._check_ids(ids, self.vocab_size)
+            self._fits(ids, max_tokens)
+        k = req.logprobs
+        texts = [tok.decode(ids) for ids in prompts] if req.echo else None
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        fmt = CompletionFormat(rid, self.config.model_name, tok, req.echo)
+        if max_tokens == 0:  # score only: log-probabilities of the prompt, nothing generated
+            self._params(req, 1, None)  # the sampling fields are checked even though nothing is sampled
+            results = await self._score(loop, prompts, k, req.n)
+            return fmt.scored(results, prompts, texts, req.n, req.stream, _include_usage(req))
+        params = self._params(req, max_tokens, k, prompt_logprobs=k if req.echo and k is not None else None)
+        stops = _stops(req.stops)
+        seqs = [_Seq(p * req.n + i, loop.new_id(), p, tok, stops, _stop_ids(tok, params), k is not None,
+                     echo_text=texts[p] if texts else None)
+                for p in range(len(prompts)) for i in range(req.n)]
+        run = _Run(self, loop, [(s, prompts[s.prompt_index], _seeded(params, i % req.n)) for i, s in enumerate(seqs)],
+                   arrival)
+        if req.stream:
+            return sse(fmt.stream(run, disconnected, _include_usage(req), prompts))
+        async for _ in run.events(disconnected):
+            pass
+        return fmt.response(seqs, prompts)
+
+    async def _score(self, loop: EngineLoop, prompts: list[list[int]], k: int | None,
+                     n: int) -> list[list[TokenLogprob | None] | None]:
+        if k is None:
+            return [None] * len(prompts)
+        out = []
+        for ids in prompts:
+            fut = loop.call(lambda engine, ids=ids: engine.prompt_logprobs(ids, k))
+            try:
+                out.append(await asyncio.wrap_future(fut))
+            except HainaError as e:
+                raise APIError(400, str(e)) from None
+        self.metrics.prompt_tokens.inc(sum(map(len, prompts)) * n)
+        return out
+
+    # ------------------------------------------------------------------ /v1/chat/completions
+    async def chat(self, req: ChatCompletionRequest, disconnected: Disconnected | None = None):
+        """A chat completion response (dict) or, for stream=true, an async iterator of SSE lines."""
+        loop, tok = self._require_ready()
+        self.check_model(req.model)
+        arrival = time.perf_counter()
+        ids = self._encode(tok, self._render(tok, req.messages, req.add_generation_prompt))
+        self._check_ids(ids, self.vocab_size)
+        requested = req.max_completion_tokens or req.max_tokens
+        if requested is None:
+            max_tokens = self.max_model_len - len(ids)
+            if max_tokens < 1:
+                raise APIError(400, f"the conversation has {len(ids)} tokens, which fills the context of "
+                               f"{self.max_model_len}; shorten it", param="messages")
+        else:
+            max_tokens = requested
+            self._fits(ids, max_tokens)
+        k = (req.top_logprobs or 0) if req.logprobs else None
+        stop_ids = tuple(dict.fromkeys(chat_stop_token_ids(tok)))
+        params = self._params(req, max_tokens, k, stop_ids=stop_ids)
+        stops = _stops(list(dict.fromkeys(chat_stop_strings(tok) + req.stops)))
+        seqs = [_Seq(i, loop.new_id(), 0, tok, stops, _stop_ids(tok, params), k is not None) for i in range(req.n)]
+        run = _Run(self, loop, [(s, ids, _seeded(params, i)) for i, s in enumerate(seqs)], arrival)
+        fmt = ChatFormat(f"chatcmpl-{uuid.uuid4().hex}", self.config.model_name, tok)
+        if req.stream:
+            return sse(fmt.stream(run, disconnected, _include_usage(req), len(ids)))
+        async for _ in run.events(disconnected):
+            pass
+        return fmt.response(seqs, len(ids))
+
+    def _render(self, tok: Tokenizer, messages, add_generation_prompt: bool) -> str:
+        msgs = [{"role": m.role, "content": m.text()} for m in messages]
+        try:
+            return apply_chat_template(tok, msgs, add_generation_prompt=add_generation_prompt)
+        except HainaError as e:
+            raise APIError(400, str(e), param="messages") from None
+
+    # ------------------------------------------------------------------ tokenizer endpoints
+    def tokenize(self, req: TokenizeRequest) -> dict[str, Any]:
+        _, tok = self._require_ready()
+        self.check_model(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise APIError(400, "give exactly one of 'prompt' or 'messages'", param="prompt")
+        text = req.prompt if req.prompt is not None else self._render(tok, req.messages, req.add_generation_prompt)
+        ids = tok.encode(text)
+        return {"tokens": ids, "count": len(ids), "max_model_len": self.max_model_len}
+
+    def detokenize(self, req: DetokenizeRequest) -> dict[str, Any]:
+        _, tok = self._require_ready()
+        self.check_model(req.model)
+        self._check_ids(req.tokens, tok.vocab_size, what="tokens")
+        return {"prompt": tok.decode(req.tokens)}
+
+    def tokenizer_info(self) -> dict[str, Any]:
+        _, tok = self._require_ready()
+        return {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": tok.eos_token,
+                "eos_token_id": tok.eos_id, "bos_token": tok.bos_token, "bos_token_id": tok.bos_id,
+                "pad_token": tok.pad_token, "pad_token_id": tok.pad_id,
+                "chat_template": tok.chat_template or DEFAULT_CHAT_TEMPLATE,
+                "model_max_length": self.max_model_len, "vocab_size": tok.vocab_size}
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _prompt_ids(prompt, tok: Tokenizer, service: Service) -> list[list[int]]:
+    """Every accepted prompt shape as a list of token-id lists."""
+    if isinstance(prompt, str):
+        return [service._encode(tok, prompt)]
+    if all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]
+    if all(isinstance(p, str) for p in prompt):
+        return [service._encode(tok, p) for p in prompt]
+    return [list(p) for p in prompt]
+
+
+def _stops(stops: list[str]) -> list[str]:
+    if any(not s for s in stops):
+        raise APIError(400, "a stop string is empty; remove it or give at least one character", param="stop")
+    return stops
+
+
+def _stop_ids(tok: Tokenizer, params: SamplingParams) -> frozenset[int]:
+    ids = set(params.stop_token_ids)
+    if not params.ignore_eos:
+        ids.add(tok.eos_id)
+    return frozenset(ids)
+
+
+def _seeded(params: SamplingParams, i: int) -> SamplingParams:
+    """Sample i of a request: seed + i, so n samples differ yet each is reproducible."""
+    return params if params.seed is None or i == 0 else replace(params, seed=params.seed + i)
+
+
+def _include_usage(req) -> bool:
+    return bool(req.stream_options and req.stream_options.include_usage)
+
+
+class _Seq:
+    """One sequence of a request: its text state (detokenizer, stop strings) and what it produced."""
+
+    def __init__(self, index: int, request_id: str, prompt_index: int, tok: Tokenizer, stops: list[str],
+                 stop_ids: frozenset[int], want_logprobs: bool, echo_text: str | None = None):
+        self.index, self.request_id, self.prompt_index = index, request_id, prompt_index
+        self.detok = IncrementalDetokenizer(tok, skip_special=True)
+        self.matcher = StopStringMatcher(stops)
+        self.stop_ids = stop_ids
+        self.want_logprobs = want_logprobs
+        self.echo_text = echo_text
+        self.text = ""
+        self.num_tokens = 0
+        self.logprobs: list[TokenLogprob | None] = []
+        self.prompt_logprobs: list[TokenLogprob | None] | None = None
+        self.finish_reason: str | None = None
+        self.last_time: float | None = None
+
+    def feed(self, ev: StepEvent) -> tuple[str, list[TokenLogprob | None]]:
+        """Take one engine event; return (new text, log-probabilities of the tokens behind it)."""
+        ids = list(ev.new_token_ids)
+        lps = list(ev.logprobs or [])
+        self.num_tokens += len(ids)
+        if ev.prompt_logprobs is not None:
+            self.prompt_logprobs = ev.prompt_logprobs
+        if ev.finish_reason == "stop" and ids and ids[-1] in self.stop_ids:
+            ids, lps = ids[:-1], lps[:len(ids) - 1]  # a stop token ends the text but is not part of it
+        raw = self.detok.add(ids)
+        if ev.finished:
+            raw += self.detok.flush()
+        out, hit = self.matcher.feed(raw)
+        if ev.finished and not hit:
+            out += self.matcher.flush()
+        self.text += out
+        new_lps = lps if self.want_logprobs else []
+        self.logprobs += new_lps
+        if hit:
+            self.finish_reason = "stop"
+        elif ev.finished:
+            self.finish_reason = "length" if ev.finish_reason == "length" else "stop"
+        return out, new_lps
+
+
+class _Run:
+    """The sequences of one HTTP request in the engine, and their events as they come back."""
+
+    def __init__(self, service: Service, loop: EngineLoop,
+                 items: list[tuple[_Seq, list[int], SamplingParams]], arrival: float):
+        self.service, self.loop, self.arrival = service, loop, arrival
+        self.metrics = service.metrics
+        self.pending = {s.request_id: s for s, _, _ in items}
+        self.queue: asyncio.Queue = asyncio.Queue()
+        aloop = asyncio.get_running_loop()
+
+        def sink(item) -> None:
+            aloop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+        try:
+            loop.submit([Sequence(s.request_id, ids, p) for s, ids, p in items], sink)
+        except QueueFull as e:
+            raise APIError(429, str(e)) from None
+        self.metrics.prompt_tokens.inc(sum(len(ids) for _, ids, _ in items))
+
+    async def events(self, disconnected: Disconnected | None = None
+                     ) -> AsyncIterator[tuple[_Seq, str, list[TokenLogprob | None]]]:
+        """Yield (sequence, new text, new logprobs) per engine event until every sequence has finished.
+
+        Leaving early (client gone, cancelled) aborts what is still running, freeing the slots.
+        """
+        m = self.metrics
+        try:
+            while self.pending:
+                try:
+                    item = await asyncio.wait_for(self.queue.get(), timeout=0.5)
+                except TimeoutError:
+                    if disconnected is not None and await disconnected():
+                        return
+                    continue
+                if isinstance(item, EngineFailure):
+                    raise APIError(500, str(item))
+                if isinstance(item, BaseException):
+                    raise APIError(400, str(item)) if isinstance(item, HainaError) else item
+                seq = self.pending.get(item.request_id)
+                if seq is None:
+                    continue  # the abort event after a stop-string hit
+                now = time.perf_counter()
+                if seq.last_time is None:
+                    m.ttft.observe(now - self.arrival)
+                elif item.new_token_ids:
+                    m.itl.observe(now - seq.last_time)
+                seq.last_time = now
+                m.generation_tokens.inc(len(item.new_token_ids))
+                text, lps = seq.feed(item)
+                if seq.finish_reason is not None:
+                    del self.pending[seq.request_id]
+                    m.requests.labels(seq.finish_reason).inc()
+                    if not item.finished:  # a stop string: the engine would go on
+                        self.loop.abort([seq.request_id])
+                yield seq, text, lps
+            m.e2e.observe(time.perf_counter() - self.arrival)
+        finally:
+            if self.pending:
+                self.loop.abort(list(self.pending))
+                for _ in self.pending:
+                    m.requests.labels("abort").inc()
+                self.pending = {}
