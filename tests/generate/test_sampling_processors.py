@@ -149,3 +149,16 @@ def test_validate_messages():
         with pytest.raises(HainaError, match=match):
             params.validate(10)
     assert SamplingParams(stop_token_ids=[1, 2]).stop_token_ids == (1, 2)
+
+
+def test_draw_follows_the_distribution_and_never_picks_zero_probability():
+    from haina.generate.sampling import draw
+
+    probs = torch.tensor([[0.1, 0.0, 0.6, 0.3, 0.0]]).repeat(20_000, 1)
+    picks = draw(probs, torch.Generator().manual_seed(0))
+    freq = torch.bincount(picks, minlength=5).float() / len(picks)
+    assert freq[1] == 0 and freq[4] == 0
+    torch.testing.assert_close(freq, probs[0], atol=0.015, rtol=0)
+    a = draw(probs[:3], torch.Generator().manual_seed(5))
+    b = draw(probs[:3], torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)  # a seeded generator reproduces its draws
