@@ -6,7 +6,7 @@ identical weights (the script checks that both produce the same greedy tokens). 
 greedily with end-of-sequence disabled, so they generate exactly the same number of tokens;
 `transformers` uses its default dynamic KV cache.
 
-Measured (median over --repeats, after one warm-up run):
+Measured (median over --repeats, after one warm-up run; the two sides alternate run by run):
 - single stream: time to first token (prefill of --prompt-len tokens + the first token) and
   decode tokens/s (tokens 2..N over the time after the first token);
 - batched throughput at each --batch-sizes: generated tokens/s for B prompts decoded together;
@@ -117,34 +117,53 @@ def hf_batch(hf, prompts: list[list[int]], new: int) -> list[list[int]]:
 
 
 # --------------------------------------------------------------------------------- measurement
-def median_of(repeats: int, run: Callable[[], float]) -> float:
-    run()  # warm-up: allocator, kernel selection, lazy initialization
-    return statistics.median(run() for _ in range(repeats))
+def interleaved(repeats: int, runs: list[Callable[[], object]]) -> list[list[object]]:
+    """Each run once as warm-up, then `repeats` rounds of each run in turn.
 
-
-def single_stream(name: str, fn, model, prompt: list[int], new: int, repeats: int, device) -> dict:
-    clock = _Clock(device)
-    ttfts, rates = [], []
-    fn(model, prompt, new, clock)  # warm-up
+    Alternating the two sides spreads a noisy neighbour's bursts (a shared machine) over both,
+    rather than over whichever side happened to run during them.
+    """
+    for run in runs:
+        run()  # warm-up: allocator, kernel selection, lazy initialization
+    results: list[list[object]] = [[] for _ in runs]
     for _ in range(repeats):
-        tokens = fn(model, prompt, new, clock)
-        assert len(tokens) == new, f"{name} generated {len(tokens)} tokens, expected {new}"
-        assert len(clock.times) >= new, f"{name} reported {len(clock.times)} token times"
-        ttfts.append(clock.times[0])
-        rates.append((new - 1) / (clock.times[new - 1] - clock.times[0]))
-    return {"ttft_ms": 1000 * statistics.median(ttfts), "decode_tps": statistics.median(rates)}
+        for out, run in zip(results, runs):
+            out.append(run())
+    return results
 
 
-def batched(fn, model, prompts: list[list[int]], new: int, repeats: int, device) -> float:
-    def run() -> float:
-        _sync(device)
-        t0 = time.perf_counter()
-        out = fn(model, prompts, new)
-        _sync(device)
-        assert sum(len(o) for o in out) == len(prompts) * new
-        return len(prompts) * new / (time.perf_counter() - t0)
+def single_stream(sides: list[tuple[str, Callable, object]], prompt: list[int], new: int, repeats: int,
+                  device) -> list[dict]:
+    """Time to first token (ms) and decode tokens/s of each (name, stream function, model), medians."""
+    clock = _Clock(device)
 
-    return median_of(repeats, run)
+    def runner(name: str, fn, model) -> Callable[[], tuple[float, float]]:
+        def run() -> tuple[float, float]:
+            tokens = fn(model, prompt, new, clock)
+            assert len(tokens) == new, f"{name} generated {len(tokens)} tokens, expected {new}"
+            assert len(clock.times) >= new, f"{name} reported {len(clock.times)} token times"
+            return clock.times[0], (new - 1) / (clock.times[new - 1] - clock.times[0])
+        return run
+
+    results = interleaved(repeats, [runner(*side) for side in sides])
+    return [{"ttft_ms": 1000 * statistics.median(r[0] for r in res),
+             "decode_tps": statistics.median(r[1] for r in res)} for res in results]
+
+
+def batched(sides: list[tuple[Callable, object]], prompts: list[list[int]], new: int, repeats: int,
+            device) -> list[float]:
+    """Generated tokens/s of each (batch function, model) for `prompts` decoded together, medians."""
+    def runner(fn, model) -> Callable[[], float]:
+        def run() -> float:
+            _sync(device)
+            t0 = time.perf_counter()
+            out = fn(model, prompts, new)
+            _sync(device)
+            assert sum(len(o) for o in out) == len(prompts) * new
+            return len(prompts) * new / (time.perf_counter() - t0)
+        return run
+
+    return [statistics.median(res) for res in interleaved(repeats, [runner(*side) for side in sides])]
 
 
 def hf_kv_bytes_per_token(hf, prompt: list[int]) -> int | None:
@@ -223,15 +242,14 @@ def main() -> None:
 
     same = haina_batch(model, prompts[:2], 16) == hf_batch(hf, prompts[:2], 16)
     rows = []
-    s_h = single_stream("haina", haina_stream, model, prompts[0], new, args.repeats, device)
-    s_t = single_stream("transformers", hf_stream, hf, prompts[0], new, args.repeats, device)
+    s_h, s_t = single_stream([("haina", haina_stream, model), ("transformers", hf_stream, hf)], prompts[0], new,
+                             args.repeats, device)
     rows.append(("single stream: decode tokens/s", s_h["decode_tps"], s_t["decode_tps"],
                  s_h["decode_tps"] / s_t["decode_tps"]))
     rows.append((f"single stream: time to first token, ms ({args.prompt_len}-token prompt)", s_h["ttft_ms"],
                  s_t["ttft_ms"], s_t["ttft_ms"] / s_h["ttft_ms"]))
     for b in args.batch_sizes:
-        th = batched(haina_batch, model, prompts[:b], new, args.repeats, device)
-        tt = batched(hf_batch, hf, prompts[:b], new, args.repeats, device)
+        th, tt = batched([(haina_batch, model), (hf_batch, hf)], prompts[:b], new, args.repeats, device)
         rows.append((f"batch {b}: generated tokens/s", th, tt, th / tt))
 
     per_token = KVCache.bytes_per_token(cfg, dtype)

@@ -195,14 +195,15 @@ class Engine:
             h = model.hidden_states(idx, positions=positions, cache=self.cache)  # (B, T, C)
             last = h[torch.arange(len(reqs), device=self.device), torch.tensor(lens, device=self.device) - 1]
             self.cache.commit(row0, lens)
+            logits = model.lm_head(last)  # (B, V)
         else:
             idx = torch.tensor([[r.output[-1]] for r in reqs], device=self.device)
             starts = self.cache.lengths[row0:row0 + len(reqs)]
             positions = self.cache.bind(row0, starts, 1)
-            last = model.hidden_states(idx, positions=positions, cache=self.cache)[:, -1]  # (B, C)
+            logits = model.decode(idx, positions=positions, cache=self.cache)  # (B, V)
             self.cache.commit(row0, [1] * len(reqs))
         # Sampling and log-probabilities in fp32, whatever the model's dtype.
-        logits = model.lm_head(last).float()  # (B, V)
+        logits = logits.float()
         want_lp = [r.params.logprobs for r in reqs]
         raw_lp = logits.log_softmax(dim=-1) if any(k is not None for k in want_lp) else None
         tokens = sample_tokens(logits, [r.row for r in reqs], [r.generator for r in reqs]).tolist()

@@ -9,13 +9,13 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from haina.core.errors import HainaError
 from haina.model.config import ModelConfig
-from haina.model.layers import Block, KVCacheLike, make_norm, rope_cos_sin, sinusoidal
+from haina.model.layers import Block, KVCacheLike, call_plain, make_norm, rope_cos_sin, sinusoidal
 
 
 class Transformer(nn.Module):
@@ -24,7 +24,6 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.pos_emb = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos == "learned" else None
-        self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm_f = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
@@ -77,6 +76,31 @@ class Transformer(nn.Module):
             if T > cfg.block_size:
                 raise HainaError(f"sequence of {T} tokens exceeds the model's context of {cfg.block_size}")
             positions = torch.arange(T, device=idx.device).expand(B, T)
+        x, rope = self._embed(idx, positions)
+        for block in self.blocks:
+            if self.gradient_checkpointing and self.training:
+                # Recompute activations in backward: memory O(layers) instead of O(layers · T · C).
+                x = checkpoint(block, x, rope, cache, use_reentrant=False)
+            else:
+                x = block(x, rope, cache)
+        return self.norm_f(x)
+
+    def decode(self, idx: torch.Tensor, *, positions: torch.Tensor, cache: KVCacheLike) -> torch.Tensor:
+        """Logits (B, V) of one new token per row, idx (B, 1), through the inference engine's KV cache.
+
+        The computation of `forward` in eval mode, without nn.Module call overhead (see
+        `layers.call_plain`): the per-token cost of single-stream decoding on a small model is mostly
+        per-op overhead, not arithmetic. Hooks on Linear and norm layers do not fire here.
+        """
+        x, rope = self._embed(idx, positions)
+        for block in self.blocks:
+            x = block.decode(x, rope, cache)
+        return call_plain(self.lm_head, call_plain(self.norm_f, x[:, -1]))
+
+    def _embed(self, idx: torch.Tensor,
+               positions: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """Token (and position) embeddings (B, T, C), and the rotary tables when the model uses rope."""
+        cfg = self.cfg
         x = self.tok_emb(idx)  # (B, T, C)
         rope = None
         if cfg.pos == "learned":
@@ -85,14 +109,9 @@ class Transformer(nn.Module):
             x = x + sinusoidal(positions, cfg.n_embd).to(x.dtype)
         else:
             rope = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
-        x = self.drop(x)
-        for block in self.blocks:
-            if self.gradient_checkpointing and self.training:
-                # Recompute activations in backward: memory O(layers) instead of O(layers · T · C).
-                x = checkpoint(block, x, rope, cache, use_reentrant=False)
-            else:
-                x = block(x, rope, cache)
-        return self.norm_f(x)
+        if self.training and cfg.dropout:
+            x = F.dropout(x, cfg.dropout)
+        return x, rope
 
     # ----------------------------------------------------------------- helpers
     def num_params(self, non_embedding: bool = False) -> int:
