@@ -7,6 +7,7 @@ A crash mid-write leaves the old file (or nothing), never a truncated one, becau
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from haina.core.errors import HainaError
 
 
 @contextlib.contextmanager
@@ -87,3 +90,17 @@ def write_yaml(path: str | os.PathLike, obj: Any) -> None:
 def read_json(path: str | os.PathLike) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def match_input(raw: str) -> list[Path]:
+    """An input argument as paths: the file or directory itself if it exists, else its glob matches (sorted).
+
+    Raises HainaError when nothing matches, so a typo is reported rather than read as an empty input.
+    """
+    path = Path(raw)
+    if path.exists():
+        return [path]
+    matches = [Path(p) for p in sorted(glob.glob(raw, recursive=True))]
+    if not matches:
+        raise HainaError(f"input not found: {raw} (give files, directories or glob patterns)")
+    return matches

@@ -9,7 +9,6 @@ character vocabulary for text made of characters seen in training).
 from __future__ import annotations
 
 import bz2
-import glob
 import gzip
 import io
 import json
@@ -23,6 +22,7 @@ from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trai
 from tokenizers import Tokenizer as HFTokenizer
 
 from haina.core.errors import HainaError
+from haina.core.io import match_input
 from haina.core.log import info
 from haina.tokenizer.tokenizer import EOT, Tokenizer
 
@@ -163,14 +163,7 @@ def expand_inputs(paths: Iterable[str]) -> list[Path]:
     """
     files: list[Path] = []
     for raw in paths:
-        path = Path(raw)
-        if path.exists():
-            matches = [path]
-        else:
-            matches = [Path(p) for p in sorted(glob.glob(raw, recursive=True))]
-            if not matches:
-                raise HainaError(f"input not found: {raw} (give files, directories or glob patterns)")
-        for m in matches:
+        for m in match_input(raw):
             if m.is_dir():
                 for root, dirs, names in os.walk(m):
                     dirs[:] = sorted(d for d in dirs if not d.startswith((".", "_")))

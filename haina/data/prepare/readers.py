@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import bz2
 import csv
-import glob
 import gzip
 import io
 import json
@@ -23,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from haina.core.errors import HainaError
+from haina.core.io import match_input
 from haina.data.prepare.config import PrepareConfig
 
 COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd", ".bz2": "bz2", ".xz": "xz"}
@@ -51,14 +51,7 @@ def discover_units(inputs: list[str], fmt: str = "auto", exclude: str | None = N
     units: list[Unit] = []
     skipped: list[str] = []
     for raw in inputs:
-        path = Path(raw)
-        if path.exists():
-            matches = [path]
-        else:
-            matches = [Path(p) for p in sorted(glob.glob(raw, recursive=True))]
-            if not matches:
-                raise HainaError(f"input not found: {raw} (give files, directories or glob patterns)")
-        for m in matches:
+        for m in match_input(raw):
             if m.is_dir():
                 _walk(m, m, fmt, units, skipped, skip_dir)
             else:
