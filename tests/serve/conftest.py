@@ -79,7 +79,14 @@ def make_slow_loader(delay: float):
 
     def load(config):
         model, tok = load_checkpoint(config)
-        model.lm_head.register_forward_pre_hook(lambda *_: time.sleep(delay))
+        model.lm_head.register_forward_pre_hook(lambda *_: time.sleep(delay))  # prefill runs the LM head module
+        decode = model.decode  # the lean decode step skips module hooks, so it is wrapped instead
+
+        def slow_decode(*args, **kwargs):
+            time.sleep(delay)
+            return decode(*args, **kwargs)
+
+        model.decode = slow_decode
         return model, tok
 
     return load
