@@ -13,7 +13,7 @@ from haina.generate.outputs import StepEvent, TokenLogprob
 from haina.generate.sampling import SamplingParams
 from haina.tokenizer import Tokenizer
 
-__all__ = ["TextDelta", "TextGenerator", "TextResult"]
+__all__ = ["SequenceDecoder", "TextDelta", "TextGenerator", "TextResult"]
 
 
 @dataclass
@@ -38,8 +38,8 @@ class TextDelta:
     finish_reason: str | None
 
 
-class _Decoder:
-    """Per-sequence text state: incremental detokenization, then stop strings."""
+class SequenceDecoder:
+    """Per-sequence text state: incremental detokenization, then stop strings (also used by the server)."""
 
     def __init__(self, tokenizer: Tokenizer, stops: Sequence[str], stop_ids: set[int]):
         self.detok = IncrementalDetokenizer(tokenizer, skip_special=True)
@@ -49,14 +49,18 @@ class _Decoder:
         self.tokens: list[int] = []
         self.logprobs: list[TokenLogprob] | None = None
 
-    def feed(self, ev: StepEvent) -> tuple[str, bool]:
-        """Take one engine event; return (text to emit, stop string hit)."""
+    def feed(self, ev: StepEvent) -> tuple[str, bool, list[TokenLogprob]]:
+        """Take one engine event; return (text to emit, stop string hit, log-probabilities of the emitted tokens).
+
+        `tokens` and `logprobs` keep every generated token, a final stop token included; the returned
+        log-probabilities leave the stop token out, as the text does.
+        """
         self.tokens += ev.new_token_ids
         if ev.logprobs is not None:
             self.logprobs = (self.logprobs or []) + ev.logprobs
-        ids = ev.new_token_ids
+        ids, lps = ev.new_token_ids, list(ev.logprobs or [])
         if ev.finish_reason == "stop" and ids and ids[-1] in self.stop_ids:
-            ids = ids[:-1]  # a stop token ends the text but is not part of it
+            ids, lps = ids[:-1], lps[:len(ids) - 1]  # a stop token ends the text but is not part of it
         raw = self.detok.add(ids)
         if ev.finished:
             raw += self.detok.flush()
@@ -64,7 +68,7 @@ class _Decoder:
         if ev.finished and not hit:
             out += self.matcher.flush()
         self.text += out
-        return out, hit
+        return out, hit, lps
 
 
 class TextGenerator:
@@ -131,7 +135,7 @@ class TextGenerator:
     def _run_sampled(self, encoded: list[list[int]], plist: list[SamplingParams], stops: list[list[str]],
                      results: list[list[TextResult]]) -> None:
         tag = next(self._ids)
-        where: dict[str, tuple[int, _Decoder]] = {}  # request id -> (prompt index, decoder)
+        where: dict[str, tuple[int, SequenceDecoder]] = {}  # request id -> (prompt index, decoder)
         for p, (ids, sp) in enumerate(zip(encoded, plist)):
             if sp.num_beams > 1:
                 continue
@@ -139,7 +143,7 @@ class TextGenerator:
                 rid = f"_text-{id(self)}-{tag}-{p}-{i}"
                 one = replace(sp, n=1, seed=None if sp.seed is None else sp.seed + i)
                 self.engine.add_request(rid, ids, one)
-                where[rid] = (p, _Decoder(self.tokenizer, stops[p], self._stop_ids(sp)))
+                where[rid] = (p, SequenceDecoder(self.tokenizer, stops[p], self._stop_ids(sp)))
         finished: dict[str, TextResult] = {}
         pending = set(where)  # requests the engine still holds
         try:
@@ -152,7 +156,7 @@ class TextGenerator:
                     if ev.request_id in finished:
                         continue  # the abort that follows a stop-string hit
                     dec = where[ev.request_id][1]
-                    _, hit = dec.feed(ev)
+                    _, hit, _ = dec.feed(ev)
                     if hit or ev.finished:
                         finished[ev.request_id] = TextResult(
                             text=dec.text, token_ids=dec.tokens, logprobs=dec.logprobs,
@@ -176,11 +180,11 @@ class TextGenerator:
             raise HainaError("streaming gives one sequence: use n=1 and num_beams=1 (or generate() for more)")
         stops = check_stop_strings(list(stop))
         ids = self._encode(prompt)
-        dec = _Decoder(self.tokenizer, stops, self._stop_ids(params))
+        dec = SequenceDecoder(self.tokenizer, stops, self._stop_ids(params))
         events = self.engine.stream(ids, params)
         try:
             for ev in events:
-                text, hit = dec.feed(ev)
+                text, hit, _ = dec.feed(ev)
                 lps = ev.logprobs
                 if hit:
                     yield TextDelta(text=text, token_ids=ev.new_token_ids, logprobs=lps, finished=True,

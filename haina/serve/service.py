@@ -22,10 +22,10 @@ from typing import Any
 from haina.core.errors import HainaError
 from haina.core.log import logger
 from haina.generate.chat import DEFAULT_CHAT_TEMPLATE, apply_chat_template, chat_stop_strings, chat_stop_token_ids
-from haina.generate.detok import IncrementalDetokenizer, StopStringMatcher
 from haina.generate.engine import Engine
 from haina.generate.outputs import StepEvent, TokenLogprob
 from haina.generate.sampling import SamplingParams
+from haina.generate.text import SequenceDecoder
 from haina.serve.formats import ChatFormat, CompletionFormat, sse
 from haina.serve.loop import EngineFailure, EngineLoop, QueueFull, Sequence
 from haina.serve.metrics import ServeMetrics
@@ -354,34 +354,25 @@ class _Seq:
     def __init__(self, index: int, request_id: str, prompt_index: int, tok: Tokenizer, stops: list[str],
                  stop_ids: frozenset[int], want_logprobs: bool, echo_text: str | None = None):
         self.index, self.request_id, self.prompt_index = index, request_id, prompt_index
-        self.detok = IncrementalDetokenizer(tok, skip_special=True)
-        self.matcher = StopStringMatcher(stops)
-        self.stop_ids = stop_ids
+        self.decoder = SequenceDecoder(tok, stops, stop_ids)
         self.want_logprobs = want_logprobs
         self.echo_text = echo_text
-        self.text = ""
         self.num_tokens = 0
         self.logprobs: list[TokenLogprob | None] = []
         self.prompt_logprobs: list[TokenLogprob | None] | None = None
         self.finish_reason: str | None = None
         self.last_time: float | None = None
 
+    @property
+    def text(self) -> str:
+        return self.decoder.text
+
     def feed(self, ev: StepEvent) -> tuple[str, list[TokenLogprob | None]]:
         """Take one engine event; return (new text, log-probabilities of the tokens behind it)."""
-        ids = list(ev.new_token_ids)
-        lps = list(ev.logprobs or [])
-        self.num_tokens += len(ids)
+        self.num_tokens += len(ev.new_token_ids)
         if ev.prompt_logprobs is not None:
             self.prompt_logprobs = ev.prompt_logprobs
-        if ev.finish_reason == "stop" and ids and ids[-1] in self.stop_ids:
-            ids, lps = ids[:-1], lps[:len(ids) - 1]  # a stop token ends the text but is not part of it
-        raw = self.detok.add(ids)
-        if ev.finished:
-            raw += self.detok.flush()
-        out, hit = self.matcher.feed(raw)
-        if ev.finished and not hit:
-            out += self.matcher.flush()
-        self.text += out
+        out, hit, lps = self.decoder.feed(ev)
         new_lps = lps if self.want_logprobs else []
         self.logprobs += new_lps
         if hit:
