@@ -40,8 +40,6 @@ import json
 import os
 import platform
 import random
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -55,6 +53,7 @@ import torch
 
 from haina.model import ModelConfig, Transformer
 from haina.model.checkpoint import load_model, save_model
+from haina.serve.process import serve_process
 from haina.tokenizer.train import train_bpe
 
 SHAKESPEARE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -80,45 +79,17 @@ def build_checkpoint(preset: str, vocab_size: int, out: Path) -> str:
 
 
 # --------------------------------------------------------------------------------- the servers
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def server(checkpoint: str, max_batch_size: int, threads: int, log_path: Path):
     """`haina serve` as a subprocess on a free port; yields its base URL once /health answers 200."""
-    port = _free_port()
-    env = dict(os.environ)
-    env["OMP_NUM_THREADS"] = str(threads)  # torch sizes its intra-op pool from this at startup
-    cmd = [sys.executable, "-m", "haina.cli", "serve", "--checkpoint", checkpoint, "--port", str(port),
-           "--max-batch-size", str(max_batch_size), "--max-queue", "1024", "--log-level", "warning"]
-    with log_path.open("w+") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + 180
-            while True:
-                if proc.poll() is not None:
-                    log.seek(0)
-                    raise SystemExit(f"haina serve exited with {proc.returncode}:\n{log.read()[-3000:]}")
-                try:
-                    if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass  # not listening yet
-                if time.monotonic() > deadline:
-                    raise SystemExit(f"haina serve did not become healthy in 180 s; see {log_path}")
-                time.sleep(0.25)
+    # torch sizes its intra-op pool from OMP_NUM_THREADS at startup.
+    try:
+        with serve_process(checkpoint, "--max-batch-size", str(max_batch_size), "--max-queue", "1024",
+                           "--log-level", "warning", log_path=log_path, timeout=180,
+                           env={"OMP_NUM_THREADS": str(threads)}) as url:
             yield url
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    except RuntimeError as e:
+        raise SystemExit(str(e)) from None
 
 
 # --------------------------------------------------------------------------------- the load

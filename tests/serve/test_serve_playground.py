@@ -4,10 +4,6 @@ Skips (saying why) when chromium or chromedriver is not installed; `make test` i
 """
 
 import shutil
-import socket
-import subprocess
-import sys
-import time
 
 import httpx
 import pytest
@@ -15,18 +11,13 @@ import torch
 
 from haina.model import ModelConfig, Transformer
 from haina.model.checkpoint import save_model
+from haina.serve.process import serve_process
 from haina.tokenizer.train import train_bpe
 
 CORPUS = ["the cat sat on the mat and the dog ran to the park. " * 10, "héllo wörld café 日本語 😀 " * 10,
           "To be, or not to be, that is the question. " * 10]
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 KEY = "sk-playground-test"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -37,33 +28,9 @@ def server(tmp_path_factory):
     # 256 positions: the chat template's prompt plus the answer must fit the context.
     save_model(tmp / "ckpt", Transformer(ModelConfig.from_name("tiny", vocab_size=320, block_size=256, n_layer=2)),
                train_bpe(CORPUS, vocab_size=320))
-    port, log = _free_port(), (tmp / "server.log").open("w+")
-    proc = subprocess.Popen([sys.executable, "-m", "haina.cli", "serve", "--checkpoint", str(tmp / "ckpt"),
-                             "--port", str(port), "--max-batch-size", "4", "--api-key", KEY], stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                pytest.fail(f"haina serve exited with {proc.returncode}:\n{log.read()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass  # not listening yet
-            if time.monotonic() > deadline:
-                pytest.fail("haina serve did not become healthy within 60 s")
-            time.sleep(0.2)
+    with serve_process(tmp / "ckpt", "--max-batch-size", "4", "--api-key", KEY, log_path=tmp / "server.log",
+                       timeout=60) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 @pytest.fixture(scope="module")
