@@ -411,12 +411,15 @@ class _Run:
         m = self.metrics
         try:
             while self.pending:
-                try:
-                    item = await asyncio.wait_for(self.queue.get(), timeout=0.5)
-                except TimeoutError:
-                    if disconnected is not None and await disconnected():
-                        return
-                    continue
+                try:  # the common case, an event already queued, without wait_for's timer
+                    item = self.queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    try:
+                        item = await asyncio.wait_for(self.queue.get(), timeout=0.5)
+                    except TimeoutError:
+                        if disconnected is not None and await disconnected():
+                            return
+                        continue
                 if isinstance(item, EngineFailure):
                     raise APIError(500, str(item))
                 if isinstance(item, BaseException):
