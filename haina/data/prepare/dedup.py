@@ -15,13 +15,17 @@ while unrelated English documents of 1 KB stay below J ≈ 0.2, far from 0.8, so
 suffer. `benchmarks/data_pipeline.py` measures exactly this.
 
 The signature is a vectorized numpy MinHash (datasketch's per-shingle Python hashing would cap
-us near 500 docs/s); the index is datasketch's `MinHashLSH`, whose bands and rows it derives from
-the threshold and the number of permutations.
+us near 500 docs/s); the bands and rows come from datasketch's `MinHashLSH` optimizer for the
+threshold, and the index is a SQLite database (on disk in the pipeline), so that memory does not
+grow with the corpus as an in-memory LSH index does (~2 KB a document).
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import sqlite3
+from pathlib import Path
 
 import numpy as np
 
@@ -90,59 +94,103 @@ def jaccard_estimate(sig_a: np.ndarray, sig_b: np.ndarray) -> float:
 class Deduplicator:
     """The global, sequential dedup decision: feed documents in input order, get a verdict each.
 
-    Memory grows with the number of kept documents: an entry per exact hash (~100 bytes), the
-    signature (4 bytes a permutation) and datasketch's LSH entries (~100 bytes a band), about
-    2 KB a document at 128 permutations, so ~1 million documents per 2 GB. Beyond that, this is
-    the stage to shard by hash (or to move to an on-disk LSH such as datatrove's).
+    The index lives in SQLite, on disk when `path` is given (the pipeline puts it in its work
+    directory), so memory stays bounded whatever the corpus size: SQLite's page cache (64 MB) and
+    nothing per document in Python. Tables: exact content hashes → first document; LSH band
+    buckets → document keys; document keys → id and signature (for verifying candidates); and
+    the size of every duplicate cluster. The LSH banding (bands × rows) comes from datasketch's
+    optimizer for the threshold; a document's band buckets are 64-bit hashes of its band values.
     """
 
-    def __init__(self, *, exact: bool, minhash: bool, threshold: float = 0.8, num_perm: int = 128):
-        self.exact = exact
-        self.seen: dict[int, str] = {}
-        self.lsh = None
-        self.ids: dict[int, str] = {}
+    CACHE_KIB = 64 * 1024
+
+    def __init__(self, *, exact: bool, minhash: bool, threshold: float = 0.8, num_perm: int = 128,
+                 path: str | os.PathLike | None = None):
+        self.exact, self.minhash = exact, minhash
+        self.threshold, self.num_perm = threshold, num_perm
+        self._b = self._r = 0
         if minhash:
             from datasketch import MinHashLSH
 
-            # Bands and rows come from datasketch's optimizer for the threshold, weighted towards
-            # recall; every candidate is then verified against the threshold with the signature's
-            # Jaccard estimate, which removes the extra false positives that weighting lets in.
-            self.lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=(0.1, 0.9))
-        self.threshold = threshold
-        self._sigs = np.empty((1024, num_perm), dtype=np.uint32)  # row i: the signature of LSH key i
-        self.cluster_sizes: dict[str, int] = {}  # representative id -> documents in its cluster (itself included)
+            # Bands and rows from datasketch's optimizer for the threshold, weighted towards recall; every
+            # candidate is then verified against the threshold with the signature's Jaccard estimate, which
+            # removes the extra false positives that weighting lets in.
+            lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=(0.1, 0.9))
+            self._b, self._r = lsh.b, lsh.r
+            rng = np.random.default_rng(7)
+            self._band_mult = rng.integers(1, 2**63, size=self._r, dtype=np.uint64) | np.uint64(1)
+            self._band_salt = rng.integers(1, 2**63, size=self._b, dtype=np.uint64)
+        if path is not None and Path(path).exists():
+            Path(path).unlink()  # a leftover of an interrupted run: the index is rebuilt from the start
+        self.db = sqlite3.connect(str(path) if path is not None else ":memory:")
+        for pragma in ("journal_mode=OFF", "synchronous=OFF", f"cache_size=-{self.CACHE_KIB}", "temp_store=FILE"):
+            self.db.execute(f"PRAGMA {pragma}")
+        self.db.executescript("""
+            CREATE TABLE exact (h INTEGER PRIMARY KEY, rep TEXT NOT NULL);
+            CREATE TABLE bands (bucket INTEGER NOT NULL, key INTEGER NOT NULL, PRIMARY KEY (bucket, key)) WITHOUT ROWID;
+            CREATE TABLE docs (key INTEGER PRIMARY KEY, id TEXT NOT NULL, sig BLOB NOT NULL);
+            CREATE TABLE clusters (rep TEXT PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID;
+        """)
         self._n = 0
 
     @property
     def bands(self) -> tuple[int, int]:
         """(bands, rows) of the LSH index, or (0, 0) without MinHash."""
-        return (self.lsh.b, self.lsh.r) if self.lsh is not None else (0, 0)
+        return self._b, self._r
+
+    def _buckets(self, sig: np.ndarray) -> list[int]:
+        """One signed 64-bit bucket per band: a hash of the band's values, salted by the band's index."""
+        with np.errstate(over="ignore"):
+            v = sig[:self._b * self._r].reshape(self._b, self._r).astype(np.uint64)
+            h = (v * self._band_mult[None, :]).sum(axis=1, dtype=np.uint64) ^ self._band_salt
+            h ^= h >> np.uint64(31)
+            h *= _MIX1
+            h ^= h >> np.uint64(29)
+        return h.view(np.int64).tolist()
+
+    def _joined(self, rep: str) -> None:
+        self.db.execute("INSERT INTO clusters VALUES (?, 2) ON CONFLICT(rep) DO UPDATE SET n = n + 1", (rep,))
 
     def check(self, doc_id: str, ehash: int, sig: np.ndarray | None) -> tuple[str | None, str | None]:
         """(reason, representative id) for a duplicate, (None, None) for a document to keep."""
-        if self.exact and ehash in self.seen:
-            rep = self.seen[ehash]
-            self.cluster_sizes[rep] = self.cluster_sizes.get(rep, 1) + 1
-            return "exact_duplicate", rep
-        m = None
-        if self.lsh is not None and sig is not None:
-            from datasketch import LeanMinHash
-
-            # The scheme label only feeds datasketch's consistency checks; our values are 32-bit.
-            m = LeanMinHash(seed=1, hashvalues=sig, scheme="affine32")
+        db = self.db
+        h = ehash - (1 << 64) if ehash >= 1 << 63 else ehash  # SQLite integers are signed 64-bit
+        if self.exact:
+            row = db.execute("SELECT rep FROM exact WHERE h = ?", (h,)).fetchone()
+            if row is not None:
+                self._joined(row[0])
+                return "exact_duplicate", row[0]
+        buckets = None
+        if self.minhash and sig is not None:
+            buckets = self._buckets(sig)
+            marks = ",".join("?" * len(buckets))
             # Keys are insertion ordinals: among the verified candidates the earliest document wins.
-            for key in sorted(self.lsh.query(m)):
-                if jaccard_estimate(sig, self._sigs[key]) >= self.threshold:
-                    rep = self.ids[key]
-                    self.cluster_sizes[rep] = self.cluster_sizes.get(rep, 1) + 1
+            for key, rep, blob in db.execute(
+                    f"SELECT DISTINCT d.key, d.id, d.sig FROM bands b JOIN docs d ON d.key = b.key "
+                    f"WHERE b.bucket IN ({marks}) ORDER BY d.key", buckets):
+                if jaccard_estimate(sig, np.frombuffer(blob, dtype=np.uint32)) >= self.threshold:
+                    self._joined(rep)
                     return "near_duplicate", rep
         if self.exact:
-            self.seen[ehash] = doc_id
-        if m is not None:
-            self.lsh.insert(self._n, m, check_duplication=False)
-            self.ids[self._n] = doc_id
-            if self._n == len(self._sigs):
-                self._sigs = np.concatenate([self._sigs, np.empty_like(self._sigs)])
-            self._sigs[self._n] = sig
+            db.execute("INSERT OR IGNORE INTO exact VALUES (?, ?)", (h, doc_id))
+        if buckets is not None:
+            db.execute("INSERT INTO docs VALUES (?, ?, ?)", (self._n, doc_id, np.ascontiguousarray(sig).tobytes()))
+            db.executemany("INSERT OR IGNORE INTO bands VALUES (?, ?)", [(b, self._n) for b in buckets])
             self._n += 1
         return None, None
+
+    @property
+    def cluster_sizes(self) -> dict[str, int]:
+        """Representative id -> documents in its cluster (itself included), for clusters with duplicates."""
+        return dict(self.db.execute("SELECT rep, n FROM clusters"))
+
+    def cluster_summary(self, largest: int = 10) -> dict:
+        """Cluster count, how many clusters have each size, and the largest sizes — computed in SQLite."""
+        db = self.db
+        (count,) = db.execute("SELECT COUNT(*) FROM clusters").fetchone()
+        counts = dict(db.execute("SELECT n, COUNT(*) FROM clusters GROUP BY n ORDER BY n"))
+        top = [n for (n,) in db.execute("SELECT n FROM clusters ORDER BY n DESC LIMIT ?", (largest,))]
+        return {"clusters": count, "cluster_size_counts": counts, "largest_clusters": top}
+
+    def close(self) -> None:
+        self.db.close()

@@ -7,7 +7,8 @@ with a marker whose config fingerprint matches.
 Phase 2 (sequential): deduplicate across all units in input order (first occurrence kept).
 Phase 3 (sequential, streaming): split by content hash and write `train/`, `val/`, `test/` and
 `rejects/`, staged under `_work/` and moved into place together, then the report.
-Memory: one batch per worker in phase 1; the dedup index (see `Deduplicator`) in phase 2.
+Memory: one batch per worker in phase 1; in phase 2 the on-disk SQLite dedup index (64 MB page cache) and 8
+bytes per kept document for the exact split; phase 3 streams.
 """
 
 from __future__ import annotations
@@ -191,34 +192,38 @@ def _load(path: Path, dtype, width: int) -> np.ndarray:
     return m.reshape(-1, width) if width > 1 else m
 
 
-def _dedup(units: list[Unit], cfg: PrepareConfig, out: Path) -> tuple[dict[str, dict[int, tuple]], SplitPlan, dict]:
-    """Phase 2: dedup decisions per unit ({index: (reason, representative)}) and the split plan."""
+def _dedup(units: list[Unit], cfg: PrepareConfig, out: Path) -> tuple[SplitPlan, dict]:
+    """Phase 2: the dedup decisions of each unit, written to `_work/<unit>.drops.jsonl.zst` in document order
+    ({"j", "reason", "rep"}), and the split plan. Memory: the SQLite index's page cache plus 8 bytes per kept
+    document for the exact split."""
     work = out / "_work"
     dedup = Deduplicator(exact="exact" in cfg.dedup, minhash="minhash" in cfg.dedup,
-                         threshold=cfg.minhash_threshold, num_perm=cfg.minhash_perm)
-    decisions: dict[str, dict[int, tuple]] = {}
+                         threshold=cfg.minhash_threshold, num_perm=cfg.minhash_perm, path=work / "dedup.sqlite")
     groups: dict[str, array] = {}  # 8 bytes per kept document
-    for i in range(len(units)):
-        uid = unit_id(i)
-        hashes = _load(work / f"{uid}.hash.u64", np.uint64, 1)
-        sigs = _load(work / f"{uid}.sig.u32", np.uint32, cfg.minhash_perm) if "minhash" in cfg.dedup else None
-        drops: dict[int, tuple] = {}
-        for j, (doc_id, label) in enumerate(read_jsonl_zst(work / f"{uid}.index.jsonl.zst")):
-            h = int(hashes[j])
-            reason, rep = dedup.check(doc_id, h, sigs[j] if sigs is not None else None) if cfg.dedup else (None, None)
-            if reason:
-                drops[j] = (reason, rep)
-            else:
-                groups.setdefault(group_key(label), array("Q")).append(h)
-        decisions[uid] = drops
-    plan = SplitPlan(cfg.val_fraction, cfg.test_fraction, groups)
-    sizes = sorted(dedup.cluster_sizes.values(), reverse=True)
-    info_ = {"bands": dedup.bands[0], "rows": dedup.bands[1], "clusters": len(sizes),
-             "cluster_size_counts": dict(sorted(Counter(sizes).items())), "largest_clusters": sizes[:10]}
-    return decisions, plan, info_
+    try:
+        for i in range(len(units)):
+            uid = unit_id(i)
+            hashes = _load(work / f"{uid}.hash.u64", np.uint64, 1)
+            sigs = _load(work / f"{uid}.sig.u32", np.uint32, cfg.minhash_perm) if "minhash" in cfg.dedup else None
+            drops = JsonlZstWriter(work / f"{uid}.drops.jsonl.zst")
+            for j, (doc_id, label) in enumerate(read_jsonl_zst(work / f"{uid}.index.jsonl.zst")):
+                h = int(hashes[j])
+                reason, rep = (dedup.check(doc_id, h, sigs[j] if sigs is not None else None) if cfg.dedup
+                               else (None, None))
+                if reason:
+                    drops.write({"j": j, "reason": reason, "rep": rep})
+                else:
+                    groups.setdefault(group_key(label), array("Q")).append(h)
+            drops.close()
+        plan = SplitPlan(cfg.val_fraction, cfg.test_fraction, groups)
+        info_ = {"bands": dedup.bands[0], "rows": dedup.bands[1], **dedup.cluster_summary()}
+    finally:
+        dedup.close()
+        (work / "dedup.sqlite").unlink(missing_ok=True)
+    return plan, info_
 
 
-def _write_outputs(units: list[Unit], cfg: PrepareConfig, out: Path, decisions, plan: SplitPlan) -> dict:
+def _write_outputs(units: list[Unit], cfg: PrepareConfig, out: Path, plan: SplitPlan) -> dict:
     """Phase 3: stream every unit once more into staged split and reject shards."""
     work, stage = out / "_work", out / "_work" / "out"
     if stage.exists():
@@ -244,10 +249,13 @@ def _write_outputs(units: list[Unit], cfg: PrepareConfig, out: Path, decisions, 
             uid = unit_id(i)
             for doc in read_jsonl_zst(work / f"{uid}.rejects.jsonl.zst"):
                 reject(doc)
-            drops = decisions[uid]
+            # The drops come in document order: read them in step with the documents, one at a time.
+            drops = read_jsonl_zst(work / f"{uid}.drops.jsonl.zst")
+            drop = next(drops, None)
             for j, doc in enumerate(read_jsonl_zst(work / f"{uid}.docs.jsonl.zst")):
-                if j in drops:
-                    reason, rep = drops[j]
+                if drop is not None and drop["j"] == j:
+                    reason, rep = drop["reason"], drop["rep"]
+                    drop = next(drops, None)
                     doc["reason"] = reason
                     doc["meta"] = {**doc.get("meta", {}), "duplicate_of": rep, "cluster": rep}
                     reject(doc)
@@ -318,9 +326,9 @@ def prepare_documents(input_paths: list[str], out_dir: str | os.PathLike, config
         raise HainaError(f"the input holds {what} in {len(units)} file(s); check the paths, --format and "
                          "--text-field")
     t1 = time.perf_counter()
-    decisions, plan, dedup_info = _dedup(units, cfg, out)
+    plan, dedup_info = _dedup(units, cfg, out)
     t2 = time.perf_counter()
-    written = _write_outputs(units, cfg, out, decisions, plan)
+    written = _write_outputs(units, cfg, out, plan)
     _publish(out)
     timings = {"filter_s": round(t1 - start, 2), "dedup_s": round(t2 - t1, 2),
                "write_s": round(time.perf_counter() - t2, 2)}

@@ -84,3 +84,20 @@ def test_split_unlabeled_small_corpus_still_gets_validation():
     plan = SplitPlan(0.05, 0.0, {"": [5, 9, 1, 7]})
     out = [plan.assign(None, h) for h in (1, 5, 7, 9)]
     assert out == ["val", "train", "train", "train"]
+
+
+def test_on_disk_index_decides_like_the_in_memory_one(tmp_path):
+    rng = random.Random(3)
+    originals = [document(rng) for _ in range(20)]
+    docs = originals + [substitute(originals[i], 0.03, rng) for i in range(10)] + [originals[0]]
+    hasher = MinHasher()
+    mem = Deduplicator(exact=True, minhash=True)
+    disk = Deduplicator(exact=True, minhash=True, path=tmp_path / "index.sqlite")
+    verdicts = [(check(mem, hasher, f"d{i}", t), check(disk, hasher, f"d{i}", t)) for i, t in enumerate(docs)]
+    assert all(a == b for a, b in verdicts)
+    assert sum(a[0] == "near_duplicate" for a, _ in verdicts) >= 9 and verdicts[-1][0] == ("exact_duplicate", "d0")
+    assert (tmp_path / "index.sqlite").stat().st_size > 0  # the index lives on disk, not in Python objects
+    summary = disk.cluster_summary()
+    assert summary["clusters"] == len(disk.cluster_sizes) and summary["largest_clusters"][0] >= 2
+    disk.close()
+    mem.close()
