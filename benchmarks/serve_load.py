@@ -29,6 +29,7 @@ library's documentation (nothing is downloaded); or any checkpoint with --checkp
 
     .venv/bin/python benchmarks/serve_load.py            # small preset, 1/4/16/32 clients
     .venv/bin/python benchmarks/serve_load.py --quick    # a smoke run in well under a minute
+    .venv/bin/python benchmarks/serve_load.py --engine-alone   # plus the same loads without HTTP
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ import httpx
 import numpy as np
 import torch
 
+from haina.generate.engine import Engine
+from haina.generate.sampling import SamplingParams
 from haina.model import ModelConfig, Transformer
 from haina.model.checkpoint import load_model, save_model
 from haina.serve.process import serve_process
@@ -164,6 +167,33 @@ async def run_load(url: str, requests: list[tuple[list[int], int]], clients: int
     return results, wall
 
 
+def engine_alone(model, requests: list[tuple[list[int], int]], clients: int, max_batch_size: int,
+                 temperature: float) -> float:
+    """The same closed loop straight on an in-process `Engine`, without HTTP: output tokens/s.
+
+    This is the ceiling the server can reach with this model on this machine: what remains of the
+    ratio once tokenization, JSON, SSE and the client's own work are taken out.
+    """
+    engine = Engine(model, max_batch_size=max_batch_size)
+    todo = list(enumerate(requests))[::-1]
+
+    def admit() -> None:
+        if todo:
+            i, (prompt, max_tokens) = todo.pop()
+            engine.add_request(f"r{i}", prompt, SamplingParams(max_new_tokens=max_tokens, temperature=temperature,
+                                                              ignore_eos=True, seed=i))
+
+    for _ in range(clients):
+        admit()
+    tokens, t0 = 0, time.perf_counter()
+    while engine.has_unfinished():
+        for ev in engine.step():
+            tokens += len(ev.new_token_ids)
+            if ev.finished:
+                admit()  # the client sends its next request as soon as its last one finished
+    return tokens / (time.perf_counter() - t0)
+
+
 def pct(xs: list[float], q: float) -> float:
     return float(np.percentile(xs, q)) if xs else float("nan")
 
@@ -234,6 +264,9 @@ def main() -> None:
     p.add_argument("--temperature", type=float, default=0.0,
                    help="0: greedy, as vLLM's benchmark_serving does by default; > 0 adds the sampler's cost")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--engine-alone", action="store_true",
+                   help="also run the same loads on an in-process Engine (no HTTP) at max batch 32 and 1: the ceiling "
+                        "of the ratio for this model on this machine")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny preset, 1 and 4 clients, short requests")
     args = p.parse_args()
     if args.quick:
@@ -276,6 +309,17 @@ def main() -> None:
                         if (name, n) not in stats or s["tok_s"] > stats[name, n]["tok_s"]:
                             stats[name, n] = s  # the run least disturbed by other work on the machine
 
+        alone: dict[tuple[str, int], float] = {}
+        if args.engine_alone:
+            torch.set_num_threads(args.threads)
+            model = load_model(checkpoint)[0]
+            for n in levels:
+                for _ in range(args.repeats):
+                    for name, mbs in SERVERS:
+                        tok_s = engine_alone(model, loads[n], n, mbs, args.temperature)
+                        print(f"{name:>10}  {n:>2} clients, engine alone: {tok_s:.0f} output tok/s", file=sys.stderr)
+                        alone[name, n] = max(tok_s, alone.get((name, n), 0.0))
+
     # Other work on the machine slows both servers, but not equally: say how busy it was.
     print(f"\n{datetime.date.today()} · {_cpu_name()} ({os.cpu_count()} cores, {args.threads} torch threads per server, "
           f"servers take turns, best of {args.repeats}; load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after) · "
@@ -284,6 +328,14 @@ def main() -> None:
           f"max_tokens {args.output_len[0]}–{args.output_len[1]} with ignore_eos, temperature {args.temperature:g}, streaming "
           f"/v1/completions; closed loop, the same seeded requests for both servers.\n")
     print_tables(stats, levels, list(SERVERS))
+    if alone:
+        (a, ma), (b, mb) = SERVERS
+        print(f"\nThe same loads on an in-process Engine, without HTTP (max batch {ma} and {mb}, {args.threads} torch "
+              f"threads):\n")
+        print(f"| clients | {a} output tok/s | {b} output tok/s | ratio ({a} / {b}) |")
+        print("|--:|--:|--:|--:|")
+        for n in levels:
+            print(f"| {n} | {alone[a, n]:.0f} | {alone[b, n]:.0f} | **{alone[a, n] / alone[b, n]:.2f}×** |")
 
 
 if __name__ == "__main__":
