@@ -34,7 +34,10 @@ def load_synonyms(path: str | Path) -> dict[str, list[str]]:
         raise HainaError(f"synonym file not found: {p}")
     text = p.read_text(encoding="utf-8")
     if p.suffix.lower() == ".json":
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise HainaError(f"{p}:{e.lineno}: not valid JSON ({e.msg}); expected {{word: [synonyms]}}") from None
         if not isinstance(data, dict):
             raise HainaError(f"{p} must hold a JSON object mapping words to lists of synonyms")
         return {str(k).lower(): [str(s) for s in (v if isinstance(v, list) else [v])] for k, v in data.items()}
@@ -171,6 +174,8 @@ def augment_command(input: list[str], out: str, synonyms: str | None = None, met
     table = load_synonyms(synonyms) if synonyms else None
     cfg = PrepareConfig(format=format, text_field=text_field, label_field=label_field)
     out_dir = Path(out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise HainaError(f"the output {out_dir} is a file, not a directory; pass a directory to --out")
 
     inputs, copy_dirs = list(input), []
     if len(inputs) == 1 and (Path(inputs[0]) / "report.json").is_file() and (Path(inputs[0]) / "train").is_dir():
@@ -200,6 +205,10 @@ def augment_command(input: list[str], out: str, synonyms: str | None = None, met
     except BaseException:
         writer.abort()
         raise
+    # Shards of an earlier, larger run into the same directory would otherwise be read as part of this one.
+    for stale in (out_dir / "train").glob("part-*.jsonl.zst"):
+        if stale.name not in writer.shards:
+            stale.unlink()
     for d in copy_dirs:
         if (out_dir / d.name).exists():
             shutil.rmtree(out_dir / d.name)

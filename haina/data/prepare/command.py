@@ -23,8 +23,8 @@ def prepare(input: list[str], out: str, format: Format = "auto", text_field: str
     datasets saved with save_to_disk; .gz/.zst/.bz2 transparently), normalizes Unicode and
     whitespace, applies the Gopher quality, Gopher repetition and C4 rules, optionally scrubs PII,
     removes exact and MinHash near-duplicates (first occurrence kept), splits by content hash
-    (stratified by label) and writes OUT/train, OUT/val, OUT/test as zstd JSON-lines shards,
-    OUT/rejects/<reason>.jsonl.zst, OUT/report.json and OUT/report.md. Thresholds come from
+    (stratified by label) and writes OUT/train, OUT/val, OUT/test as zstd JSON-lines (or Parquet)
+    shards, OUT/rejects/<reason>.jsonl.zst, OUT/report.json and OUT/report.md. Thresholds come from
     --config (a YAML such as recipes/data/default.yaml) and dotted overrides such as
     --gopher.min_words=20 or --c4.min_sentences=0; options that differ from their defaults
     override the file.

@@ -61,7 +61,7 @@ def gopher_quality(text: str, words: list[str], no_space: bool, cfg: GopherQuali
         return "gopher_min_words"
     if n_content > cfg.max_words:
         return "gopher_max_words"
-    if not no_space:
+    if not no_space and n_content:  # with min_words 0, a document of symbols only has no mean word length
         mean_len = (sum(map(len, words)) - sum(map(len, symbol_words))) / n_content
         if not cfg.min_mean_word_length <= mean_len <= cfg.max_mean_word_length:
             return "gopher_mean_word_length"

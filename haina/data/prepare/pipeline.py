@@ -302,6 +302,8 @@ def prepare_documents(input_paths: list[str], out_dir: str | os.PathLike, config
     """
     cfg = config or PrepareConfig()
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise HainaError(f"the output {out} is a file, not a directory; pass a directory to --out")
     start = time.perf_counter()
     units, skipped = discover_units([str(p) for p in input_paths], cfg.format, exclude=str(out))
     if not units:

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import bz2
 import csv
+import dataclasses
 import gzip
 import io
 import json
 import lzma
 import os
+import re
 import zlib
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +32,9 @@ COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd", ".bz2": "bz2", "
 EXTENSIONS = {".txt": "txt", ".text": "txt", ".md": "txt", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json",
               ".csv": "csv", ".tsv": "tsv", ".parquet": "parquet"}
 MAX_REJECT_CHARS = 100_000  # a malformed record is kept in rejects, truncated to this many characters
+BOM = b"\xef\xbb\xbf"  # the UTF-8 byte order mark Windows tools (Excel, Notepad) put at the start of a file
+# JSON's \uXXXX escapes can spell a lone surrogate (a cut emoji in scraped text): not encodable as UTF-8.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -67,6 +73,10 @@ def discover_units(inputs: list[str], fmt: str = "auto", exclude: str | None = N
         if key not in seen:
             seen.add(key)
             unique.append(u)
+    # Names prefix document ids: two files of one name (`--input 'shards/*/train.jsonl'`) would give two
+    # documents the id 'train.jsonl:1', so those are named by their full path instead.
+    names = Counter(u.name for u in unique)
+    unique = [dataclasses.replace(u, name=u.path) if names[u.name] > 1 else u for u in unique]
     return unique, skipped
 
 
@@ -120,6 +130,11 @@ def open_binary(path: str) -> io.BufferedIOBase:
     return open(path, "rb")
 
 
+def _strip_bom(raw: bytes, first: bool) -> bytes:
+    """The first line or block of a file without its UTF-8 byte order mark, which is not text."""
+    return raw[3:] if first and raw.startswith(BOM) else raw
+
+
 def _decode(raw: bytes, stats: dict) -> str:
     try:
         return raw.decode("utf-8")
@@ -141,9 +156,14 @@ def read_unit(unit: Unit, cfg: PrepareConfig, stats: dict) -> Iterator[dict]:
         raise HainaError(f"unknown format '{unit.format}' for {unit.path}")
     import zstandard
 
+    errors: tuple[type[BaseException], ...] = (OSError, EOFError, lzma.LZMAError, zlib.error, zstandard.ZstdError)
+    if unit.format in ("parquet", "hf"):
+        import pyarrow as pa
+
+        errors += (pa.ArrowException,)  # a corrupt or not-really-Parquet file
     try:
         yield from reader(unit, cfg, stats)
-    except (OSError, EOFError, lzma.LZMAError, zlib.error, zstandard.ZstdError) as e:
+    except errors as e:
         # A truncated .gz or .zst ends the unit, but never silently: the rest of the file becomes one reject.
         yield _malformed(unit, -1, "", f"cannot read the rest of the file: {e}")
 
@@ -160,12 +180,12 @@ def _read_txt(unit: Unit, cfg: PrepareConfig, stats: dict) -> Iterator[dict]:
     with open_binary(unit.path) as f:
         if cfg.split_lines:
             for n, raw in enumerate(f, 1):
-                yield _doc(unit, n, _decode(raw, stats).rstrip("\r\n"))
+                yield _doc(unit, n, _decode(_strip_bom(raw, n == 1), stats).rstrip("\r\n"))
         elif cfg.split_paragraphs:
             para: list[str] = []
             start = n = 0
             for n, raw in enumerate(f, 1):
-                line = _decode(raw, stats).rstrip("\r\n")
+                line = _decode(_strip_bom(raw, n == 1), stats).rstrip("\r\n")
                 if line.strip():
                     if not para:
                         start = n
@@ -176,14 +196,36 @@ def _read_txt(unit: Unit, cfg: PrepareConfig, stats: dict) -> Iterator[dict]:
             if para:
                 yield _doc(unit, start, "\n".join(para))
         else:
-            raw = f.read()
+            raw = _strip_bom(f.read(), True)
             if raw:  # a zero-byte file holds no document at all (a whitespace-only one is an empty document)
                 yield _doc(unit, 1, _decode(raw, stats))
 
 
-def _record_to_doc(unit: Unit, n: int, rec, raw: str, cfg: PrepareConfig) -> dict:
+def _has_surrogate(value) -> bool:
+    if isinstance(value, str):
+        return not value.isascii() and _SURROGATE.search(value) is not None
+    if isinstance(value, dict):
+        return any(_has_surrogate(k) or _has_surrogate(v) for k, v in value.items())
+    return isinstance(value, list) and any(map(_has_surrogate, value))
+
+
+def _scrub_surrogates(value):
+    """`value` with every lone surrogate replaced by U+FFFD, as invalid UTF-8 bytes are."""
+    if isinstance(value, str):
+        return _SURROGATE.sub("\ufffd", value)
+    if isinstance(value, dict):
+        return {_scrub_surrogates(k): _scrub_surrogates(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_scrub_surrogates(v) for v in value]
+    return value
+
+
+def _record_to_doc(unit: Unit, n: int, rec, raw: str, cfg: PrepareConfig, stats: dict) -> dict:
     if not isinstance(rec, dict):
         return _malformed(unit, n, raw, "the record is not a JSON object")
+    if ("\\u" in raw or not raw.isascii()) and _has_surrogate(rec):  # only an escape or a literal can hold one
+        stats["invalid_utf8"] = stats.get("invalid_utf8", 0) + 1
+        rec = _scrub_surrogates(rec)
     if cfg.text_field not in rec:
         return _malformed(unit, n, raw, f"no '{cfg.text_field}' field (set --text-field)")
     text = rec[cfg.text_field]
@@ -201,7 +243,7 @@ def _record_to_doc(unit: Unit, n: int, rec, raw: str, cfg: PrepareConfig) -> dic
 def _read_jsonl(unit: Unit, cfg: PrepareConfig, stats: dict) -> Iterator[dict]:
     with open_binary(unit.path) as f:
         for n, raw in enumerate(f, 1):
-            line = _decode(raw, stats).strip()
+            line = _decode(_strip_bom(raw, n == 1), stats).strip()
             if not line:
                 continue  # blank lines separate nothing in JSONL; they are not documents
             try:
@@ -209,18 +251,18 @@ def _read_jsonl(unit: Unit, cfg: PrepareConfig, stats: dict) -> Iterator[dict]:
             except json.JSONDecodeError as e:
                 yield _malformed(unit, n, line, f"invalid JSON: {e.msg} at column {e.colno}")
                 continue
-            yield _record_to_doc(unit, n, rec, line, cfg)
+            yield _record_to_doc(unit, n, rec, line, cfg, stats)
 
 
 def _read_json(unit: Unit, cfg: PrepareConfig, stats: dict) -> Iterator[dict]:
     with open_binary(unit.path) as f:
         head = f.peek(64)[:64] if hasattr(f, "peek") else b""
-        if not head.lstrip().startswith(b"["):
+        if not _strip_bom(head, True).lstrip().startswith(b"["):
             # A .json file that is not an array is read as JSON lines (a very common mislabeling).
             f.close()
             yield from _read_jsonl(unit, cfg, stats)
             return
-        raw = _decode(f.read(), stats)
+        raw = _decode(_strip_bom(f.read(), True), stats)
     try:
         records = json.loads(raw)
     except json.JSONDecodeError as e:
@@ -228,14 +270,14 @@ def _read_json(unit: Unit, cfg: PrepareConfig, stats: dict) -> Iterator[dict]:
         return
     for n, rec in enumerate(records, 1):
         yield _record_to_doc(unit, n, rec, json.dumps(rec, ensure_ascii=False) if not isinstance(rec, str) else rec,
-                             cfg)
+                             cfg, stats)
 
 
 def _read_csv(unit: Unit, cfg: PrepareConfig, stats: dict) -> Iterator[dict]:
     csv.field_size_limit(1 << 30)
     delimiter = "\t" if unit.format == "tsv" else ","
     with open_binary(unit.path) as f:
-        lines = (_decode(raw, stats) for raw in f)
+        lines = (_decode(_strip_bom(raw, n == 1), stats) for n, raw in enumerate(f, 1))
         reader = csv.reader(lines, delimiter=delimiter)
         try:
             header = next(reader)

@@ -26,7 +26,11 @@ class JsonlZstWriter:
         self.count = 0
 
     def write(self, record: dict[str, Any]) -> None:
-        self._text.write(json.dumps(record, ensure_ascii=False) + "\n")
+        line = json.dumps(record, ensure_ascii=False) + "\n"
+        try:
+            self._text.write(line)
+        except UnicodeEncodeError:  # a lone surrogate (from a JSON escape) in an id, label or meta: escape it
+            self._text.write(json.dumps(record) + "\n")
         self.count += 1
 
     def close(self) -> None:

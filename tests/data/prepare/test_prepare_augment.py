@@ -48,3 +48,20 @@ def test_augment_documents_is_deterministic_and_marked():
     assert first[0] is docs[0] and len(first) == 5
     assert all(d["meta"]["augmented"] and d["meta"]["parent"] == "d1" and d["label"] == 1 for d in first[1:])
     assert len({d["id"] for d in first}) == 5
+
+
+def test_invalid_synonym_json_is_a_clear_error(tmp_path):
+    (tmp_path / "syn.json").write_text("{bad")
+    with pytest.raises(HainaError, match="not valid JSON"):
+        load_synonyms(tmp_path / "syn.json")
+
+
+def test_augment_into_an_earlier_output_leaves_no_stale_shards(tmp_path):
+    from haina.data.prepare.augment import augment_command
+
+    (tmp_path / "in.jsonl").write_text('{"text": "a good movie to watch", "label": "pos"}\n')
+    stale = tmp_path / "out" / "train" / "part-00001.jsonl.zst"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"")  # a shard of an earlier, larger run
+    augment_command([str(tmp_path / "in.jsonl")], str(tmp_path / "out"))
+    assert sorted(p.name for p in (tmp_path / "out" / "train").iterdir()) == ["part-00000.jsonl.zst"]

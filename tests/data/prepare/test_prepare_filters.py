@@ -211,3 +211,8 @@ def test_code_corpus_passes_with_code_flag():
 def test_each_filter_alone_passes_prose(name):
     cfg = PrepareConfig(filters=(name,))
     assert filter_document({"text": PROSE}, cfg, cfg.filters, {}) is None
+
+
+def test_gopher_min_words_zero_and_a_document_of_symbols_only():
+    cfg = GopherQualityConfig(min_words=0)
+    assert gopher_quality("- * #", ["-", "*", "#"], False, cfg) is not None  # dropped by a rule, no ZeroDivisionError

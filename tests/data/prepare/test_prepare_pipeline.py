@@ -161,3 +161,21 @@ def test_parquet_output_pii_and_no_filters(tmp_path):
     assert sorted(r["text"] for r in table) == ["call <PHONE>", "mail me at <EMAIL>"]
     assert report["stages"]["pii"]["replaced"] == {"email": 1, "phone": 1}
     assert report["documents"]["dropped"] == 0
+
+
+def test_lone_surrogates_in_json_do_not_stop_the_run(tmp_path):
+    rng = random.Random(3)
+    recs = [{"text": prose(rng) + " \ud83d", "id": "a\udc00"}, {"text": prose(rng)}]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))  # ASCII escapes, as in the wild
+    report = prepare_documents([tmp_path / "in.jsonl"], tmp_path / "out", PrepareConfig(workers=1, val_fraction=0,
+                                                                                              filters="none"))
+    assert report["documents"]["kept"] == 2
+    texts = [r["text"] for r in read_split(tmp_path / "out", "train")]
+    assert sum(t.endswith("\ufffd") for t in texts) == 1
+
+
+def test_output_that_is_a_file_is_a_clear_error(tmp_path):
+    write_corpus(tmp_path / "in.jsonl", n=3)
+    (tmp_path / "out").write_text("not a directory")
+    with pytest.raises(HainaError, match="is a file, not a directory"):
+        prepare_documents([tmp_path / "in.jsonl"], tmp_path / "out", PrepareConfig(workers=1))

@@ -164,3 +164,47 @@ def test_output_directory_inside_an_input_directory_is_not_read(tmp_path):
     (tmp_path / "out" / "train" / "part-00000.jsonl").write_text('{"text": "old output"}\n')
     units, _ = discover_units([str(tmp_path)], exclude=str(tmp_path / "out"))
     assert [u.name for u in units] == ["a.txt"]
+
+
+def test_utf8_byte_order_mark_is_not_part_of_the_first_record(tmp_path):
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "a.jsonl").write_bytes(bom + jsonl_bytes())
+    (tmp_path / "b.json").write_bytes(bom + json.dumps(RECORDS).encode())
+    (tmp_path / "c.csv").write_bytes(bom + b"text,label\nfirst document,a\n")
+    (tmp_path / "d.txt").write_bytes(bom + b"whole file")
+    docs, *_ = read_all([tmp_path])
+    assert not [d for d in docs if "reason" in d]
+    assert [d["text"] for d in docs] == ["first document", "second document"] * 2 + ["first document", "whole file"]
+
+
+def test_corrupt_parquet_is_a_reject_not_a_crash(tmp_path):
+    (tmp_path / "bad.parquet").write_bytes(b"not a parquet file at all")
+    docs, *_ = read_all([tmp_path / "bad.parquet"])
+    assert len(docs) == 1 and docs[0]["reason"] == "malformed_record"
+    assert "cannot read the rest" in docs[0]["meta"]["error"]
+
+
+def test_lone_surrogate_escape_in_json_is_replaced_and_counted(tmp_path):
+    (tmp_path / "s.jsonl").write_text('{"text": "cut emoji \\ud83d here", "id": "x\\udc00"}\n')
+    docs, stats, *_ = read_all([tmp_path / "s.jsonl"])
+    assert docs[0]["text"] == "cut emoji \ufffd here" and docs[0]["id"] == "x\ufffd" and stats["invalid_utf8"] == 1
+
+
+def test_jsonl_writer_escapes_a_lone_surrogate_it_cannot_encode(tmp_path):
+    from haina.data.prepare.writers import JsonlZstWriter, read_jsonl_zst
+
+    w = JsonlZstWriter(tmp_path / "r.jsonl.zst")
+    w.write({"text": "caf\u00e9 \ud83d"})
+    w.write({"text": "ok"})
+    w.close()
+    assert [r["text"] for r in read_jsonl_zst(tmp_path / "r.jsonl.zst")] == ["caf\u00e9 \ud83d", "ok"]
+
+
+def test_files_of_the_same_name_give_distinct_document_ids(tmp_path):
+    for d in ("s1", "s2"):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "train.jsonl").write_bytes(jsonl_bytes(RECORDS[:1]))
+    docs, _, units, _ = read_all([tmp_path / "*" / "train.jsonl"])
+    assert len({d["id"] for d in docs}) == 2 and [u.name for u in units] == [u.path for u in units]
+    _, _, units, _ = read_all([tmp_path / "s1" / "train.jsonl"])
+    assert units[0].name == "train.jsonl"  # a unique name stays short
