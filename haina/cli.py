@@ -101,7 +101,9 @@ def _add_function_args(parser: argparse.ArgumentParser, fn) -> None:
             continue
         origin = get_origin(tp)
         if origin in (list, tuple):
-            kwargs["nargs"] = "+"
+            # Repeating the flag adds values (`--stop a --stop b`), as one flag with several does (`--stop a b`);
+            # the default is filled in by `_call`, so that the values given do not extend it.
+            kwargs["nargs"], kwargs["action"], default = "+", "extend", None
             inner = (get_args(tp) or (str,))[0]
             kwargs["metavar"] = getattr(inner, "__name__", "VALUE").upper()
         elif origin is Literal:
@@ -120,6 +122,8 @@ def _call(fn, ns: argparse.Namespace, extra: list[str]) -> Any:
             kwargs[name] = _collect_overrides(extra)
             continue
         value = getattr(ns, name)
+        if value is None and sig.parameters[name].default is not inspect.Parameter.empty:
+            value = sig.parameters[name].default
         if value is not None and name in hints:
             value = coerce(value, _base_type(hints[name])[0], "--" + name.replace("_", "-"))
         kwargs[name] = value
@@ -221,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
             return 0
         fn = _load(ns._target)
-        result = _call(fn, ns, extra)
+        # --debug is honoured anywhere on the line (read above); after the command, argparse leaves it in `extra`.
+        result = _call(fn, ns, [a for a in extra if a != "--debug"])
         return result if isinstance(result, int) else 0
     except HainaError as e:
         if debug:

@@ -37,3 +37,30 @@ def test_errors_are_one_line():
     assert r.returncode == 2
     assert r.stderr.strip().startswith("error: unknown model preset 'gpt5'")
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args", [("model", "params", "--preset", "tiny", "--seq-len", "-5"),
+                                  ("pretrain", "--config", "shakespeare-char", "--model.n_head=0")])
+def test_bad_numbers_are_one_line_errors(args):
+    r = haina(*args)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_debug_after_the_command_shows_the_traceback():
+    r = haina("model", "params", "--preset", "gpt5", "--debug")
+    assert r.returncode != 0 and "Traceback" in r.stderr and "unknown model preset 'gpt5'" in r.stderr
+
+
+def test_list_options_add_up_when_repeated_and_keep_their_default_otherwise():
+    import argparse
+
+    from haina.cli import _add_function_args, _call
+
+    def fn(stop: list[str] | None = None, filters: list[str] = ["a", "b"]):  # noqa: B006 - read only
+        return stop, filters
+
+    parser = argparse.ArgumentParser()
+    _add_function_args(parser, fn)
+    assert _call(fn, parser.parse_args(["--stop", "x", "--stop", "y", "z"]), []) == (["x", "y", "z"], ["a", "b"])
+    assert _call(fn, parser.parse_args(["--filters", "c"]), []) == (None, ["c"])

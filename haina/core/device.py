@@ -23,6 +23,8 @@ def resolve_device(name: str = "auto") -> torch.device:
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise HainaError(f"device '{name}' requested but CUDA is not available; use --train.device=cpu or auto")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
+        raise HainaError(f"device '{name}' requested but MPS is not available; use --train.device=cpu or auto")
     return dev
 
 

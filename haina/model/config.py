@@ -37,8 +37,10 @@ class ModelConfig:
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
-        if self.vocab_size < 1 or self.block_size < 1 or self.n_layer < 1:
-            raise HainaError("vocab_size, block_size and n_layer must be positive")
+        if min(self.vocab_size, self.block_size, self.n_layer, self.n_head, self.n_embd) < 1:
+            raise HainaError("vocab_size, block_size, n_layer, n_head and n_embd must be positive")
+        if self.n_kv_head is not None and self.n_kv_head < 1:
+            raise HainaError(f"n_kv_head must be positive (or null for n_head), got {self.n_kv_head}")
         if self.n_embd % self.n_head:
             raise HainaError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if self.n_head % self.kv_heads:

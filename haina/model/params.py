@@ -72,6 +72,8 @@ def params_command(preset: str | None = None, config: str | None = None, seq_len
     """
     if (preset is None) == (config is None):
         raise HainaError(f"give exactly one of --preset NAME or --config FILE; presets: {', '.join(PRESETS)}")
+    if seq_len is not None and seq_len < 1:
+        raise HainaError(f"--seq-len must be a positive number of tokens, got {seq_len}")
     cfg = ModelConfig.from_name(preset) if preset else ModelConfig.from_file(config)
     counts = count_params(cfg)
     seq = seq_len or cfg.block_size

@@ -37,7 +37,9 @@ class RunLog:
             try:  # imported lazily: TensorBoard takes a while to import and is optional
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(log_dir=str(run_dir / "tb"))
+                # purge_step hides what the interrupted attempt logged after its checkpoint, as metrics.jsonl drops it.
+                purge = None if resume_step is None else resume_step + 1
+                self.tb = SummaryWriter(log_dir=str(run_dir / "tb"), purge_step=purge)
             except ImportError:
                 info("tensorboard is not installed; skipping RUN/tb")
 

@@ -53,6 +53,12 @@ class LRSchedule:
     scale: float = 1.0
     best: float = math.inf
     bad_evals: int = 0
+    # decay_steps as configured, before train.fit_to_budget moves it: tells a resume whether the user changed it
+    configured_decay_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.configured_decay_steps is None:
+            self.configured_decay_steps = self.decay_steps
 
     @classmethod
     def from_config(cls, cfg: TrainConfig) -> LRSchedule:
@@ -81,11 +87,15 @@ class LRSchedule:
             self.bad_evals = 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"scale": self.scale, "best": self.best, "bad_evals": self.bad_evals, "decay_steps": self.decay_steps}
+        return {"scale": self.scale, "best": self.best, "bad_evals": self.bad_evals, "decay_steps": self.decay_steps,
+                "configured_decay_steps": self.configured_decay_steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.scale, self.best, self.bad_evals = float(state["scale"]), float(state["best"]), int(state["bad_evals"])
-        self.decay_steps = int(state.get("decay_steps", self.decay_steps))  # moved by train.fit_to_budget
+        # Restore a horizon moved by train.fit_to_budget, but not over a new one the user asked for on resume
+        # (--train.max_steps or --train.decay_steps raised to train longer).
+        if state.get("configured_decay_steps", self.configured_decay_steps) == self.configured_decay_steps:
+            self.decay_steps = int(state.get("decay_steps", self.decay_steps))
 
 
 __all__ = ["LRSchedule", "warmup_decay_lr"]

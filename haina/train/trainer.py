@@ -239,7 +239,7 @@ class Trainer:
         log = RunLog(self.run_dir, tensorboard=cfg.tensorboard, resume_step=self.step if resumed else None)
         bar = progress(total=cfg.max_steps, initial=self.step, desc="train", unit="step")
         say = bar.write if not bar.disable else info
-        start_step, start_tokens = self.step, self.tokens_seen
+        start_step, start_tokens, start_seconds = self.step, self.tokens_seen, self.train_seconds
         info(f"training {self.model.num_params():,} parameters on {self.device} ({cfg.precision}): "
              f"{cfg.tokens_per_step:,} tokens/step, steps {self.step} → {cfg.max_steps}")
 
@@ -313,7 +313,7 @@ class Trainer:
         finally:
             bar.close()
             log.close()
-        return self._finish(log, final_val, stopped, wall_start, start_step, start_tokens)
+        return self._finish(log, final_val, stopped, wall_start, start_step, start_tokens, start_seconds)
 
     # ----------------------------------------------------------------- helpers
     def _fit_to_budget(self, max_steps: int, wall_start: float, loop_start: float, loop_step: int,
@@ -397,9 +397,11 @@ class Trainer:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
 
     def _finish(self, log: RunLog, final_val: float | None, stopped: str, wall_start: float, start_step: int,
-                start_tokens: int) -> dict[str, Any]:
+                start_tokens: int, start_seconds: float) -> dict[str, Any]:
+        # This run's tokens over this run's time: train_seconds also holds a resumed run's earlier time.
         tokens_this_run = self.tokens_seen - start_tokens
-        tps = tokens_this_run / self.train_seconds if self.train_seconds > 0 and tokens_this_run else 0.0
+        seconds_this_run = self.train_seconds - start_seconds
+        tps = tokens_this_run / seconds_this_run if seconds_this_run > 0 and tokens_this_run else 0.0
         best = min(self.best_val_loss, final_val if final_val is not None else math.inf)
         index = ckpt.read_index(self.run_dir) or {}
         report = {

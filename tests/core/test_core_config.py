@@ -61,3 +61,17 @@ def test_atomic_path_leaves_old_file_on_failure(tmp_path):
         raise RuntimeError("crash mid-write")
     assert target.read_text().strip().startswith("{") and '"v": 1' in target.read_text()
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_unavailable_devices_are_one_line_errors():
+    import torch
+
+    from haina.core.device import resolve_device
+
+    if not torch.cuda.is_available():
+        with pytest.raises(HainaError, match="CUDA is not available"):
+            resolve_device("cuda")
+    if not torch.backends.mps.is_available():  # not a RuntimeError from deep inside model.to()
+        with pytest.raises(HainaError, match="MPS is not available"):
+            resolve_device("mps")
+    assert resolve_device("cpu").type == "cpu"

@@ -116,6 +116,12 @@ def test_bad_configs():
         tiny(n_kv_head=3)
     with pytest.raises(HainaError, match="unknown model preset"):
         ModelConfig.from_name("gpt5")
+    with pytest.raises(HainaError, match="must be positive"):  # not a ZeroDivisionError traceback
+        tiny(n_head=0)
+    with pytest.raises(HainaError, match="must be positive"):
+        ModelConfig(n_embd=0)
+    with pytest.raises(HainaError, match="n_kv_head must be positive"):
+        tiny(n_kv_head=0)
     with pytest.raises(HainaError, match="unknown config key 'model.n_layers'"):
         ModelConfig.from_dict({"preset": "tiny", "n_layers": 3})
     with pytest.raises(HainaError, match="exceeds the model's context"):

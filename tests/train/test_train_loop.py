@@ -83,6 +83,11 @@ def test_resume_after_crash_is_bit_exact(data, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa), "resumed weights differ from the uninterrupted run"
     assert report_a["val_loss"] == report_b["val_loss"] and report_b["steps"] == 8
     assert report_b["steps_this_run"] == 4 and report_b["train_tokens"] == report_a["train_tokens"]
+    # tokens/s is this run's tokens over this run's time, not over the crashed attempt's time as well
+    state = ckpt.load_state(tmp_path / "b" / "checkpoints" / "step-0000008")
+    first = ckpt.load_state(tmp_path / "b" / "checkpoints" / "step-0000004")
+    this_run = state["train_seconds"] - first["train_seconds"]
+    assert report_b["tokens_per_sec"] == pytest.approx(4 * cfg.tokens_per_step / this_run, rel=0.05)
     # metrics.jsonl reads as one run: no duplicated steps from the attempt that crashed.
     steps = [r["step"] for r in map(json.loads, (tmp_path / "b" / "metrics.jsonl").read_text().splitlines())
              if "loss" in r]
@@ -239,3 +244,17 @@ def test_compile(data, tmp_path):
     report = Trainer(small_model(), config(max_steps=3, compile=True), Path(tmp_path), train_data=train,
                      val_data=val).fit()
     assert report["steps"] == 3 and report["val_loss"] < 10
+
+
+def test_resume_hides_the_crashed_attempts_tensorboard_steps(data, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    train, val, _ = data
+    cfg = config(save_every=4, tensorboard=True)
+    with pytest.raises(Crash):
+        CrashingTrainer(small_model(), cfg, tmp_path, train_data=train, val_data=val).fit()  # logs step 6, saved 4
+    Trainer(small_model(), config(save_every=4, tensorboard=True, resume=True), tmp_path, train_data=train,
+            val_data=val).fit()
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == [2, 4, 6, 8]

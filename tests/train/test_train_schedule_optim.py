@@ -85,3 +85,15 @@ def test_frozen_parameters_are_left_out():
                       device=torch.device("cpu"))
     n = sum(p.numel() for g in opt.param_groups for p in g["params"])
     assert n == sum(p.numel() for p in model.blocks[0].mlp.parameters())
+
+
+def test_resume_keeps_a_moved_horizon_but_not_over_a_new_one():
+    moved = sched("cosine")
+    moved.decay_steps = 700  # as train.fit_to_budget shortens it
+    same = sched("cosine")
+    same.load_state_dict(moved.state_dict())
+    assert same.decay_steps == 700  # an exact resume
+    longer = LRSchedule.from_config(TrainConfig(lr=LR, min_lr=MIN, warmup_steps=WARM, max_steps=2 * TOTAL))
+    longer.load_state_dict(sched("cosine").state_dict())
+    assert longer.decay_steps == 2 * TOTAL  # --resume --train.max_steps=... raised: decay to the new end
+    assert longer(TOTAL) > 2 * MIN
