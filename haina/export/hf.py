@@ -54,7 +54,7 @@ def export_hf(model: Transformer, tokenizer: Tokenizer | None, out: str | Path,
     weights = {k: v.to(device="cpu", dtype=DTYPES[dtype]) if v.is_floating_point() else v.cpu()
                for k, v in to_hf_state_dict(cfg, model.weights()).items()}
     out = Path(out)
-    _check_replaceable(out)
+    _check_replaceable(out, "hf")
     with atomic_dir(out) as tmp:
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt", "producer": "haina"})
         write_json(tmp / "config.json", hf_config)
@@ -87,11 +87,23 @@ def _special_ids(tokenizer: Tokenizer | None) -> dict[str, int | None]:
     return {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
 
 
-def _check_replaceable(out: Path) -> None:
-    """atomic_dir replaces `out` whole: refuse to do that to a directory we did not write."""
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (
-            (out / "config.json").is_file() or (out / "config.yaml").is_file()))):
-        raise HainaError(f"{out} exists and is not a model directory; choose a new --out (it is replaced whole)")
+def _check_replaceable(out: Path, kind: Literal["hf", "haina"], source: str | Path | None = None) -> None:
+    """atomic_dir replaces `out` whole: refuse to do that to a directory of another kind than this command
+    writes (a haina checkpoint or training run is no earlier Hugging Face export), or to the source itself."""
+    src, dst = Path(source).resolve() if source is not None else None, out.resolve()
+    if src is not None and (dst == src or dst in src.parents):
+        raise HainaError(f"--out {out} holds the model being converted and would be replaced by it; choose a new --out")
+    if not out.exists():
+        return
+    if kind == "hf":  # an earlier export: config.json, and no haina config.yaml beside it
+        ours = (out / "config.json").is_file() and not (out / "config.yaml").exists()
+        what = "a Hugging Face model directory"
+    else:  # an earlier import: one haina checkpoint, not a training run (which has no top-level weights)
+        ours = (out / "config.yaml").is_file() and (out / "model.safetensors").is_file()
+        what = "a haina checkpoint"
+    if not out.is_dir() or (any(out.iterdir()) and not ours):
+        raise HainaError(f"{out} exists and is not a model directory of the kind written here ({what}); choose a "
+                         "new --out (it is replaced whole)")
 
 
 # ---------------------------------------------------------------------------------------- import
@@ -172,9 +184,10 @@ def export_hf_command(checkpoint: str, out: str, dtype: Literal["float32", "bflo
 
     Args:
         checkpoint: a checkpoint directory or a training run directory (its best checkpoint).
-        out: the directory to write.
+        out: the directory to write (an earlier export there is replaced whole; anything else is refused).
         dtype: element type of the exported weights.
     """
+    _check_replaceable(Path(out), "hf", source=checkpoint)
     model, tokenizer = load_model(checkpoint)
     if tokenizer is None:
         info("the checkpoint has no tokenizer: exporting the model only")
@@ -191,11 +204,11 @@ def import_hf_command(path: str, out: str) -> None:
 
     Args:
         path: the transformers model directory (as written by save_pretrained).
-        out: the haina checkpoint directory to write.
+        out: the haina checkpoint directory to write (an earlier checkpoint there is replaced whole).
     """
-    model, tokenizer = import_hf(path)
     target = Path(out)
-    _check_replaceable(target)
+    _check_replaceable(target, "haina", source=path)
+    model, tokenizer = import_hf(path)
     with torch.no_grad(), atomic_dir(target) as tmp:
         save_model(tmp, model, tokenizer, extra_config={"source": {"hugging_face": str(Path(path).resolve())}})
     what = "with its tokenizer" if tokenizer is not None else "without a tokenizer"

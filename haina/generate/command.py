@@ -28,12 +28,14 @@ def read_prompts(path: str | Path) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise HainaError(f"prompts file not found: {path}")
-    if path.suffix == ".txt":
-        return [{"prompt": line} for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if path.suffix != ".jsonl":
+    if path.suffix not in (".txt", ".jsonl"):
         raise HainaError(f"prompts file {path} must be .txt (one prompt per line) or .jsonl (a 'prompt' field per line)")
     specs = []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if path.suffix == ".txt":
+            if line.strip():
+                specs.append({"prompt": line})
+            continue
         if not line.strip():
             continue
         try:
@@ -138,8 +140,11 @@ def generate_command(checkpoint: str, prompt: str | None = None, prompts_file: s
     base.validate()  # before loading the model: bad options fail fast
     specs = read_prompts(prompts_file) if prompts_file is not None else [{"prompt": prompt}]
     plist = [_params_for(s, base, f"{prompts_file}:prompt {i + 1}: ") for i, s in enumerate(specs)]
-    for sp in plist:
-        sp.validate()
+    for i, sp in enumerate(plist):
+        try:
+            sp.validate()
+        except HainaError as e:  # name the prompt whose options are wrong
+            raise HainaError(f"{prompts_file}:prompt {i + 1}: {e}") from None
     model, tokenizer = load_model(checkpoint, device=resolve_device(device))
     if tokenizer is None:
         raise HainaError(f"checkpoint {checkpoint} has no tokenizer/ directory; generate needs one to read text")

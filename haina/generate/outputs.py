@@ -44,6 +44,8 @@ class GenerationResult:
 
 def token_logprobs(lp: torch.Tensor, tokens: list[int], ks: list[int | None]) -> list[TokenLogprob | None]:
     """Per row of log-probabilities lp (N, V): the chosen token's logprob and the top-k alternatives."""
+    if not tokens:  # a one-token prompt has nothing to score (torch.tensor([]) is float: no index)
+        return []
     rows = torch.arange(len(tokens), device=lp.device)
     chosen = lp[rows, torch.tensor(tokens, device=lp.device)].tolist()
     kmax = min(max((k for k in ks if k is not None), default=0), lp.size(-1))

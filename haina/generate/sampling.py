@@ -8,6 +8,7 @@ take the argmax after the penalties, sampled rows go on through temperature, top
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -51,6 +52,11 @@ class SamplingParams:
 
     def validate(self, vocab_size: int | None = None) -> None:
         """Raise `HainaError` with one line naming the first invalid option."""
+        for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty",
+                     "length_penalty"):
+            value = getattr(self, name)
+            if not math.isfinite(value):  # NaN passes no comparison and would silently poison every logit
+                raise HainaError(f"{name} must be a finite number, got {value}")
         checks = [
             (self.max_new_tokens >= 1, f"max_new_tokens must be at least 1, got {self.max_new_tokens}"),
             (self.temperature >= 0, f"temperature must be >= 0 (0 = greedy), got {self.temperature}"),

@@ -112,9 +112,13 @@ class TextGenerator:
         stops = _per_prompt_stops(stop, len(prompts))
         if len(plist) != len(prompts):
             raise HainaError(f"got {len(plist)} sampling params for {len(prompts)} prompts; give one or one each")
-        encoded = [self._encode(p) for p in prompts]
-        for ids, sp in zip(encoded, plist):  # all checked before any is queued: no half-started batch
-            self.engine.check_prompt(ids, sp)
+        encoded = []
+        for i, (prompt, sp) in enumerate(zip(prompts, plist)):  # all checked before any is queued
+            try:
+                encoded.append(self._encode(prompt))
+                self.engine.check_prompt(encoded[-1], sp)
+            except HainaError as e:  # in a batch, say which prompt
+                raise HainaError(f"prompt {i + 1}: {e}" if len(prompts) > 1 else str(e)) from None
         results: list[list[TextResult]] = [[] for _ in prompts]
         for p, (ids, sp) in enumerate(zip(encoded, plist)):
             if sp.num_beams > 1:

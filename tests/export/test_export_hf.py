@@ -165,3 +165,29 @@ def test_tokenizer_imports_from_slow_gpt2_files(tokenizer, tmp_path):
     text = "The lazy fox ✓"
     assert back.encode(text) == tokenizer.encode(text)
     assert back.decode(back.encode(text)) == text
+
+
+def test_commands_never_replace_their_source_or_a_training_run(tmp_path):
+    """atomic_dir replaces --out whole: a haina checkpoint, a run directory or the source must survive."""
+    from haina.export.hf import export_hf_command, import_hf_command
+    from haina.model.checkpoint import save_model
+
+    save_model(tmp_path / "ckpt", Transformer(_cfg()))
+    before = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text("model: {}\n")
+    for out in (tmp_path / "ckpt", run, tmp_path):
+        with pytest.raises(HainaError, match="choose a new --out"):
+            export_hf_command(str(tmp_path / "ckpt"), str(out))
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == before
+    assert (run / "checkpoints").is_dir()
+
+    export_hf_command(str(tmp_path / "ckpt"), str(tmp_path / "hf"))
+    export_hf_command(str(tmp_path / "ckpt"), str(tmp_path / "hf"))  # an earlier export is replaced
+    for out in (tmp_path / "hf", run):
+        with pytest.raises(HainaError, match="choose a new --out"):
+            import_hf_command(str(tmp_path / "hf"), str(out))
+    assert (tmp_path / "hf" / "config.json").is_file() and not (tmp_path / "hf" / "config.yaml").exists()
+    import_hf_command(str(tmp_path / "hf"), str(tmp_path / "back"))
+    import_hf_command(str(tmp_path / "hf"), str(tmp_path / "back"))  # an earlier import is replaced

@@ -164,6 +164,16 @@ def test_logprobs_equal_log_softmax_of_a_full_forward():
         assert len(res.prompt_logprobs[i].top) == 2
 
 
+def test_prompt_logprobs_of_a_one_token_prompt_are_one_null():
+    # Nothing comes before the only token: one null entry, in a batch that others share without failing.
+    engine = Engine(make_model())
+    p = SamplingParams(temperature=0, max_new_tokens=3, logprobs=2, prompt_logprobs=2)
+    (one,), (other,) = engine.generate([[12], PROMPTS[0]], p)
+    assert one.prompt_logprobs == [None] and len(one.token_ids) == 3
+    assert len(other.prompt_logprobs) == len(PROMPTS[0])
+    assert engine.prompt_logprobs([12], 2) == [None]
+
+
 def test_score_batches_sequences_of_different_lengths():
     model = make_model()
     engine = Engine(model, max_batch_size=2)

@@ -112,14 +112,21 @@ def test_bad_input_through_a_subprocess(ckpt):
     (["--prompt", "x", "--prompts-file", "p.txt"], "exactly one"),
     (["--prompts-file", "{bad}"], "stop strings must be strings"),
     (["--prompts-file", "{unknown}"], "unknown field"),
+    # In a batch, the error names the prompt at fault.
+    (["--prompts-file", "{overrides}"], "overrides.jsonl:prompt 2: n must be at least 1"),
+    (["--prompts-file", "{long}"], "prompt 2: the prompt has"),
+    (["--prompts-file", "{blank}"], "holds no prompts"),
 ])
 def test_bad_input_is_one_error_line(ckpt, tmp_path, capsys, args, message):
     from haina.cli import main
 
     (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "x", "stop": [1]}) + "\n")
     (tmp_path / "unknown.jsonl").write_text(json.dumps({"prompt": "x", "temprature": 1}) + "\n")
-    args = [a.replace("{bad}", str(tmp_path / "bad.jsonl")).replace("{unknown}", str(tmp_path / "unknown.jsonl"))
-            for a in args]
+    (tmp_path / "overrides.jsonl").write_text(json.dumps({"prompt": "x"}) + "\n" + json.dumps({"prompt": "y", "n": 0}))
+    (tmp_path / "long.txt").write_text("the cat\n" + "the cat " * 40 + "\n")
+    (tmp_path / "blank.txt").write_text("\n  \n")
+    for name in ("bad.jsonl", "unknown.jsonl", "overrides.jsonl", "long.txt", "blank.txt"):
+        args = [a.replace("{" + name.split(".")[0] + "}", str(tmp_path / name)) for a in args]
     assert main(["generate", "--checkpoint", str(ckpt), *args, "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and message in err

@@ -145,7 +145,10 @@ def test_validate_messages():
     SamplingParams(top_p=1.0, min_p=1.0, temperature=0).validate(10)
     for params, match in [(SamplingParams(min_p=1.5), "min_p"), (SamplingParams(top_k=-1), "top_k"),
                           (SamplingParams(n=0), "n must"), (SamplingParams(repetition_penalty=0), "repetition"),
-                          (SamplingParams(logprobs=-1), "logprobs"), (SamplingParams(stop_token_ids=(10,)), "stop")]:
+                          (SamplingParams(logprobs=-1), "logprobs"), (SamplingParams(stop_token_ids=(10,)), "stop"),
+                          (SamplingParams(presence_penalty=float("nan")), "presence_penalty must be a finite"),
+                          (SamplingParams(temperature=float("inf")), "temperature must be a finite"),
+                          (SamplingParams(length_penalty=float("nan")), "length_penalty")]:
         with pytest.raises(HainaError, match=match):
             params.validate(10)
     assert SamplingParams(stop_token_ids=[1, 2]).stop_token_ids == (1, 2)

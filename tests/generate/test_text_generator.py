@@ -122,6 +122,8 @@ def test_bad_input(gen):
         gen.generate(["the"], SamplingParams(top_p=1.5))
     with pytest.raises(HainaError, match="context"):
         gen.generate(["the cat sat " * 40], P)
+    with pytest.raises(HainaError, match="^prompt 2: the prompt is empty"):  # a batch names the prompt at fault
+        gen.generate(["the", ""], P)
     with pytest.raises(HainaError, match="n=1"):
         next(gen.stream("the", SamplingParams(n=2)))
     assert not gen.engine.has_unfinished()
