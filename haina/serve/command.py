@@ -48,7 +48,7 @@ def serve_command(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, ap
     keys = [k for k in (api_key or []) if k]
     if os.environ.get("HAINA_API_KEY"):
         keys.append(os.environ["HAINA_API_KEY"])
-    for name, value, low in (("--max-batch-size", max_batch_size, 1), ("--max-queue", max_queue, 0),
+    for name, value, low in (("--max-batch-size", max_batch_size, 1), ("--max-queue", max_queue, 1),
                              ("--port", port, 0)):
         if value < low:
             raise HainaError(f"{name} must be at least {low}, got {value}")

@@ -34,6 +34,7 @@ from haina.tokenizer import Tokenizer
 
 __all__ = ["APIError", "Service", "ServiceConfig"]
 
+DISCONNECT_POLL_S = 0.5  # how often a request checks that its client is still there
 GREEDY_BELOW = 1e-5  # temperatures this small are greedy: dividing logits by them overflows fp32
 Disconnected = Callable[[], Awaitable[bool]]
 
@@ -217,6 +218,10 @@ class Service:
         for ids in prompts:
             self._check_ids(ids, self.vocab_size)
             self._fits(ids, max_tokens)
+        if len(prompts) * req.n > self.config.max_queue:  # could never be admitted: a 429 would be retried forever
+            raise APIError(400, f"{len(prompts)} prompt(s) x n={req.n} is {len(prompts) * req.n} sequences, more than "
+                           f"the server's queue of {self.config.max_queue}; send fewer prompts per request",
+                           param="prompt")
         k = req.logprobs
         texts = [tok.decode(ids) for ids in prompts] if req.echo else None
         rid = f"cmpl-{uuid.uuid4().hex}"
@@ -288,6 +293,11 @@ class Service:
             return apply_chat_template(tok, msgs, add_generation_prompt=add_generation_prompt)
         except HainaError as e:
             raise APIError(400, str(e), param="messages") from None
+        except (TypeError, ValueError, LookupError, ArithmeticError) as e:
+            # A checkpoint's template may assume conversations shaped a certain way (a system message first,
+            # alternating roles) and fail outside Jinja's own errors on others: these messages, not the server.
+            raise APIError(400, f"the chat template cannot render these messages: {type(e).__name__}: {e}",
+                           param="messages") from None
 
     # ------------------------------------------------------------------ tokenizer endpoints
     def tokenize(self, req: TokenizeRequest) -> dict[str, Any]:
@@ -409,13 +419,14 @@ class _Run:
         Leaving early (client gone, cancelled) aborts what is still running, freeing the slots.
         """
         m = self.metrics
+        check_at = time.perf_counter() + DISCONNECT_POLL_S
         try:
             while self.pending:
                 try:  # the common case, an event already queued, without wait_for's timer
                     item = self.queue.get_nowait()
                 except asyncio.QueueEmpty:
                     try:
-                        item = await asyncio.wait_for(self.queue.get(), timeout=0.5)
+                        item = await asyncio.wait_for(self.queue.get(), timeout=DISCONNECT_POLL_S)
                     except TimeoutError:
                         if disconnected is not None and await disconnected():
                             return
@@ -428,6 +439,12 @@ class _Run:
                 if seq is None:
                     continue  # the abort event after a stop-string hit
                 now = time.perf_counter()
+                # Events keep coming while tokens flow, so the timeout above never fires: a non-streaming
+                # client that left is noticed here (a stream also notices when its next send fails).
+                if disconnected is not None and now >= check_at:
+                    check_at = now + DISCONNECT_POLL_S
+                    if await disconnected():
+                        return
                 if seq.last_time is None:
                     m.ttft.observe(now - self.arrival)
                 elif item.new_token_ids:

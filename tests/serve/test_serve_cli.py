@@ -26,6 +26,13 @@ def test_missing_checkpoint_is_a_one_line_error(tmp_path):
     assert r.returncode == 2 and r.stderr.startswith("error: checkpoint not found") and "Traceback" not in r.stderr
 
 
+def test_a_queue_of_zero_is_refused(tiny_ckpt):
+    # Every sequence waits in the queue before its first step, so with no queue no request could ever run.
+    r = subprocess.run([sys.executable, "-m", "haina.cli", "serve", "--checkpoint", str(tiny_ckpt), "--max-queue", "0"],
+                       capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode != 0 and "--max-queue must be at least 1" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_serve_subprocess_answers_and_stops(tiny_ckpt, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

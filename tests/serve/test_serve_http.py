@@ -29,6 +29,8 @@ def test_errors_are_openai_shaped(api_server):
     assert_error(s.post("/v1/completions", {"prompt": "x " * 200, "max_tokens": 1}), 400)  # beyond the context
     assert_error(s.post("/v1/completions", {}), 400)
     assert_error(s.post("/v1/chat/completions", {"messages": []}), 400)
+    # More sequences than the queue holds can never be admitted: 400, not a 429 that a client retries forever.
+    assert assert_error(s.post("/v1/completions", {"prompt": ["a"] * 200, "n": 2, "max_tokens": 1}), 400)["param"]
     assert_error(s.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
                                                  "model": "nope"}), 404)
     assert_error(s.get("/v1/nothing"), 404)
@@ -49,6 +51,14 @@ def test_models_tokenize_detokenize_and_tokenizer_info(api_server):
     assert info["model_max_length"] == 128 and info["vocab_size"] == 320
     assert_error(s.post("/tokenize", {}), 400)
     assert_error(s.post("/detokenize", {"tokens": [-1]}), 400)
+
+
+def test_a_template_that_fails_on_the_messages_is_a_400(api_server, monkeypatch):
+    # e.g. a template that assumes a system message first; a TypeError inside Jinja is the request's, not a 500
+    monkeypatch.setattr(api_server.service.tokenizer, "chat_template", "{{ messages[0]['content'] + 1 }}")
+    msgs = {"messages": [{"role": "user", "content": "hi"}]}
+    assert "template" in assert_error(api_server.post("/v1/chat/completions", {**msgs, "max_tokens": 2}), 400)["message"]
+    assert_error(api_server.post("/tokenize", msgs), 400)
 
 
 def test_metrics_move_after_requests(api_server):

@@ -129,3 +129,21 @@ def test_errors_reach_the_client_in_openai_shape(client):
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], top_p=0)
     with pytest.raises(openai.BadRequestError, match="vocabulary"):
         client.completions.create(model="tiny", prompt=[5, 99_999], max_tokens=2)
+
+
+def test_echo_logprobs_of_a_one_token_prompt(client):
+    # Nothing precedes the only token: one null entry; asking the engine for it used to fail the whole batch.
+    for max_tokens in (0, 1):
+        r = client.completions.create(model="tiny", prompt=[5], max_tokens=max_tokens, echo=True, logprobs=2)
+        lp = r.choices[0].logprobs
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None and len(lp.tokens) == 1 + max_tokens
+    chunks = list(client.completions.create(model="tiny", prompt=[5, 6], max_tokens=1, echo=True, logprobs=0,
+                                            stream=True))
+    assert chunks[0].choices[0].logprobs.token_logprobs[0] is None
+    chunks = list(client.completions.create(model="tiny", prompt=[[5], [5, 6]], max_tokens=2, echo=True, logprobs=0,
+                                            stream=True))
+    first = {}
+    for c in chunks:
+        first.setdefault(c.choices[0].index, c.choices[0].logprobs)
+    assert sorted(first) == [0, 1] and all(lp.token_logprobs[0] is None for lp in first.values())
+    assert len(first[1].tokens) >= 2  # the two-token prompt is echoed with its scored second token

@@ -90,6 +90,17 @@ def test_disconnecting_client_frees_its_slot(slow_server):
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
 
 
+def test_a_non_streaming_client_that_leaves_frees_its_slot(slow_server):
+    # Tokens keep arriving while it runs, so the gone client must be noticed between events, not only in a lull.
+    s = slow_server
+    engine_loop = s.service.loop
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(s.url + "/v1/completions", json={**LONG, "stream": False}, timeout=0.3)
+    start = time.monotonic()
+    _wait(lambda: engine_loop.engine.num_running == 0, timeout=1.5)  # the 100 tokens would take ~2 s
+    assert time.monotonic() - start < 1.5
+
+
 def test_full_queue_answers_429(slow_server):
     s = slow_server
     engine_loop = s.service.loop
