@@ -57,7 +57,8 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         if path.exists():
-            # Move the old directory aside first so there is never a moment without a complete one.
+            # Move the old directory aside first: between the two renames `path` is briefly missing, but a
+            # complete copy is always on disk (the old one at .NAME.old until the new one is in place).
             old = path.with_name(f".{path.name}.old")
             if old.exists():
                 shutil.rmtree(old)

@@ -51,7 +51,10 @@ def resolve_checkpoint(path: str | Path, which: Literal["best", "latest"] = "bes
         return path
     index = path / "checkpoints" / "index.json"
     if index.is_file():
-        entry = json.loads(index.read_text())
+        try:
+            entry = json.loads(index.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise HainaError(f"cannot parse {index}: {e}") from None
         name = entry.get(which) or entry.get("latest")
         if name and (path / "checkpoints" / name / WEIGHTS).is_file():
             return path / "checkpoints" / name

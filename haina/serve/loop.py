@@ -95,10 +95,20 @@ class EngineLoop:
         if request_ids:
             self._inbox.put(("abort", list(request_ids)))
 
-    def call(self, fn: Callable[[Engine], Any]) -> Future:
-        """Run `fn(engine)` on the loop thread between steps (e.g. scoring); its result comes as a Future."""
+    def call(self, fn: Callable[[Engine], Any], queued: bool = False) -> Future:
+        """Run `fn(engine)` on the loop thread between steps; its result comes as a Future.
+
+        queued: the call is request work (scoring a prompt) and counts as one waiting sequence until it runs,
+        so that a flood of such requests meets `QueueFull` like any other.
+        """
+        if queued:
+            with self._lock:
+                if self._waiting + 1 > self.max_queue:
+                    raise QueueFull(f"the server queue is full ({self._waiting} sequences waiting, limit "
+                                    f"{self.max_queue}); retry later")
+                self._waiting += 1
         fut: Future = Future()
-        self._inbox.put(("call", (fn, fut)))
+        self._inbox.put(("call", (fn, fut, queued)))
         return fut
 
     def close(self, timeout: float = 10.0) -> None:
@@ -136,7 +146,10 @@ class EngineLoop:
                 for rid in payload:
                     self.engine.abort(rid)
             elif kind == "call":
-                fn, fut = payload
+                fn, fut, queued = payload
+                if queued:
+                    with self._lock:
+                        self._waiting = max(0, self._waiting - 1)  # _fail_all may have zeroed it meanwhile
                 if fut.set_running_or_notify_cancel():
                     try:
                         fut.set_result(fn(self.engine))

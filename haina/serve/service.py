@@ -249,7 +249,10 @@ class Service:
             return [None] * len(prompts)
         out = []
         for ids in prompts:
-            fut = loop.call(lambda engine, ids=ids: engine.prompt_logprobs(ids, k))
+            try:
+                fut = loop.call(lambda engine, ids=ids: engine.prompt_logprobs(ids, k), queued=True)
+            except QueueFull as e:
+                raise APIError(429, str(e)) from None
             try:
                 out.append(await asyncio.wrap_future(fut))
             except HainaError as e:

@@ -109,7 +109,10 @@ class Tokenizer:
         except Exception as e:  # noqa: BLE001 — the Rust library raises plain Exceptions for bad files
             raise HainaError(f"cannot read tokenizer {file}: {e}") from None
         cfg_file = file.parent / "tokenizer_config.json"
-        cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+        try:
+            cfg = json.loads(cfg_file.read_text(encoding="utf-8")) if cfg_file.is_file() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise HainaError(f"cannot parse {cfg_file}: {e}") from None
 
         def _tok(v):  # transformers may store tokens as {"content": ...} dicts
             return v.get("content") if isinstance(v, dict) else v

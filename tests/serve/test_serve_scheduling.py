@@ -119,6 +119,9 @@ def test_full_queue_answers_429(slow_server):
         c = s.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 2})
         assert time.monotonic() - start < 1.0  # refused at once, not after waiting
         assert c.status_code == 429 and c.json()["error"]["type"] == "rate_limit_error"
+        # Scoring (echo with max_tokens 0) runs between steps, but it waits in the same queue.
+        d = s.post("/v1/completions", {"prompt": "the cat", "max_tokens": 0, "echo": True, "logprobs": 1})
+        assert d.status_code == 429 and d.json()["error"]["type"] == "rate_limit_error"
         assert s.metric("haina_num_requests_waiting") == 1
     t.join(30)  # closing A freed the slot for B
     assert results["b"].status_code == 200

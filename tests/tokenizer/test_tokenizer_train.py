@@ -110,3 +110,16 @@ def test_errors():
         train_char(iter([]))
     with pytest.raises(HainaError, match="end-of-text"):
         train_char(CORPUS, special_tokens=())
+
+
+def test_corrupt_files_are_one_line_errors(tmp_path):
+    from haina.model.checkpoint import resolve_checkpoint
+
+    _bpe().save(tmp_path / "tok")
+    (tmp_path / "tok" / "tokenizer_config.json").write_text("{not json")
+    with pytest.raises(HainaError, match="cannot parse .*tokenizer_config.json"):
+        Tokenizer.load(tmp_path / "tok")
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "checkpoints" / "index.json").write_text("")
+    with pytest.raises(HainaError, match="cannot parse .*index.json"):
+        resolve_checkpoint(tmp_path / "run")

@@ -120,7 +120,12 @@ def write_report(out: Path, cfg, units, skipped, unit_stats: list[dict], dedup_i
             warnings.append(f"class imbalance: the largest class has {imbalance}x the documents of the smallest "
                             "(consider re-weighting, resampling or `haina data augment`)")
     if kept == 0:
-        warnings.append("every document was dropped: loosen the filters (--filters none) or check the input")
+        top = max(dropped, key=dropped.get) if dropped else None
+        if top == "malformed_record":  # e.g. every JSON record lacks the text field: no filter is to blame
+            warnings.append("every document was dropped, most as malformed records: check --text-field and the "
+                            "input format (the reasons are in rejects/malformed_record.jsonl.zst)")
+        else:
+            warnings.append("every document was dropped: loosen the filters (--filters none) or check the input")
     if skipped:
         warnings.append(f"{len(skipped)} file(s) of unknown format skipped (see read.skipped_files)")
 

@@ -114,6 +114,13 @@ def test_empty_input_is_a_clear_error(tmp_path):
         prepare_documents([tmp_path / "dir"], tmp_path / "out", PrepareConfig(workers=1))
 
 
+def test_a_wrong_text_field_is_named_in_the_warning(tmp_path):
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"body": f"document {i}"}) + "\n" for i in range(5)))
+    report = prepare_documents([tmp_path / "in.jsonl"], tmp_path / "out", PrepareConfig(workers=1))
+    assert report["documents"]["by_reason"] == {"malformed_record": 5}
+    assert any("--text-field" in w for w in report["warnings"])
+
+
 def test_crash_and_resume(tmp_path, monkeypatch):
     for i in range(3):
         write_corpus(tmp_path / f"part{i}.jsonl", n=10, seed=10 + i)
