@@ -262,15 +262,94 @@ def _read_json(unit: Unit, cfg: PrepareConfig, stats: dict) -> Iterator[dict]:
             f.close()
             yield from _read_jsonl(unit, cfg, stats)
             return
-        raw = _decode(_strip_bom(f.read(), True), stats)
-    try:
-        records = json.loads(raw)
-    except json.JSONDecodeError as e:
-        yield _malformed(unit, e.lineno, raw, f"invalid JSON array: {e.msg} at line {e.lineno}")
-        return
-    for n, rec in enumerate(records, 1):
-        yield _record_to_doc(unit, n, rec, json.dumps(rec, ensure_ascii=False) if not isinstance(rec, str) else rec,
-                             cfg, stats)
+        yield from _stream_json_array(unit, f, cfg, stats)
+
+
+JSON_CHUNK_BYTES = 1 << 20  # a JSON array is read this much at a time, never whole
+MAX_JSON_RECORD_CHARS = 64 << 20  # one array element larger than this is malformed (it would hold memory)
+
+
+def _utf8_tail(raw: bytes) -> int:
+    """How many bytes at the end of `raw` begin a UTF-8 character that the next chunk completes."""
+    for i in range(1, min(4, len(raw)) + 1):
+        c = raw[-i]
+        if c & 0xC0 != 0x80:  # a lead byte (or ASCII): does its character fit in the i bytes left?
+            need = 2 if c >> 5 == 0b110 else 3 if c >> 4 == 0b1110 else 4 if c >> 3 == 0b11110 else 1
+            return i if need > i else 0
+    return 0
+
+
+def _stream_json_array(unit: Unit, f, cfg: PrepareConfig, stats: dict) -> Iterator[dict]:
+    """The elements of a top-level JSON array one by one, with memory bounded by the largest element.
+
+    A syntax error ends the unit, never silently: what is left of the file from there becomes one reject.
+    """
+    decoder = json.JSONDecoder()
+    buf, pos, carry, eof = "", 0, b"", False
+
+    def more() -> None:
+        nonlocal buf, pos, carry, eof
+        raw = f.read(JSON_CHUNK_BYTES)
+        if not raw:
+            eof, raw, carry = True, carry, b""
+        else:
+            raw = carry + raw
+            cut = _utf8_tail(raw)
+            raw, carry = (raw[:-cut], raw[-cut:]) if cut else (raw, b"")
+        buf, pos = buf[pos:] + _decode(raw, stats), 0
+
+    def skip_space() -> str:  # the next non-space character ("" at the end of the file)
+        nonlocal pos
+        while True:
+            while pos < len(buf) and buf[pos].isspace():
+                pos += 1
+            if pos < len(buf) or eof:
+                return buf[pos] if pos < len(buf) else ""
+            more()
+
+    def fail(n: int, why: str) -> dict:
+        return _malformed(unit, n, buf[pos:pos + MAX_REJECT_CHARS], f"invalid JSON array at record {n}: {why}")
+
+    while not buf and not eof:
+        more()
+    pos = 1 if buf.startswith("\ufeff") else 0  # a byte order mark is not text
+    skip_space()
+    pos += 1  # the "[" that _read_json saw
+    n = 0
+    if skip_space() == "]":
+        pos += 1
+    else:
+        while True:
+            n += 1
+            skip_space()  # raw_decode takes no leading space
+            while True:
+                try:
+                    rec, end = decoder.raw_decode(buf, pos)
+                    if end < len(buf) or eof:  # a number cut at the chunk's end would parse, but short
+                        break
+                except json.JSONDecodeError as e:
+                    if eof or len(buf) - pos > MAX_JSON_RECORD_CHARS:
+                        yield fail(n, e.msg if eof else f"an element over {MAX_JSON_RECORD_CHARS:,} characters")
+                        return
+                # Double what is buffered before parsing again: a large element is re-parsed a few times, not
+                # once per chunk.
+                want = 2 * (len(buf) - pos)
+                more()
+                while not eof and len(buf) - pos < want:
+                    more()
+            raw = buf[pos:end]
+            pos = end
+            yield _record_to_doc(unit, n, rec, raw, cfg, stats)
+            sep = skip_space()
+            if sep == "]":
+                pos += 1
+                break
+            if sep != ",":
+                yield fail(n + 1, f"expected ',' or ']' after record {n}" if sep else "the array is not closed")
+                return
+            pos += 1
+    if skip_space():
+        yield fail(n + 1, "text after the closing ']'")
 
 
 def _read_csv(unit: Unit, cfg: PrepareConfig, stats: dict) -> Iterator[dict]:

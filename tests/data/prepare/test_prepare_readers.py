@@ -208,3 +208,38 @@ def test_files_of_the_same_name_give_distinct_document_ids(tmp_path):
     assert len({d["id"] for d in docs}) == 2 and [u.name for u in units] == [u.path for u in units]
     _, _, units, _ = read_all([tmp_path / "s1" / "train.jsonl"])
     assert units[0].name == "train.jsonl"  # a unique name stays short
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1 << 20])
+def test_json_array_streams_across_chunk_boundaries(tmp_path, monkeypatch, chunk):
+    # Read a few bytes at a time, never whole: characters, numbers and records cut at every boundary.
+    from haina.data.prepare import readers
+
+    monkeypatch.setattr(readers, "JSON_CHUNK_BYTES", chunk)
+    records = [{"text": f"日本語 🎉 record {i}", "label": "ab"[i % 2], "meta": {"n": 12345 + i}} for i in range(6)]
+    (tmp_path / "a.json").write_bytes(b"\xef\xbb\xbf [\n" + b" ,\n".join(json.dumps(r, ensure_ascii=False).encode()
+                                                                      for r in records) + b"\n]\n")
+    docs, stats, *_ = read_all([tmp_path / "a.json"])
+    assert [(d["text"], d["label"]) for d in docs] == [(r["text"], r["label"]) for r in records]
+    assert "invalid_utf8" not in stats
+    (tmp_path / "a.json").write_bytes(b'[{"text": "bad \xff byte"}, {"text": "fine"}]')
+    docs, stats, *_ = read_all([tmp_path / "a.json"])
+    assert [d["text"] for d in docs] == ["bad \ufffd byte", "fine"] and stats["invalid_utf8"] >= 1
+    (tmp_path / "a.json").write_text("[ ]")
+    assert read_all([tmp_path / "a.json"])[0] == []
+
+
+def test_a_broken_json_array_keeps_what_came_before_and_rejects_the_rest(tmp_path, monkeypatch):
+    from haina.data.prepare import readers
+
+    monkeypatch.setattr(readers, "JSON_CHUNK_BYTES", 5)
+    cases = {'[{"text": "one"}, {"text": "two"': "record 2",  # a truncated file
+             '[{"text": "one"} {"text": "two"}]': "expected ','",
+             '[{"text": "one"}] trailing': "after the closing",
+             '[{"text": "one"}, {"text": "' + "x" * 200 + '"}]': "over 100 characters"}
+    monkeypatch.setattr(readers, "MAX_JSON_RECORD_CHARS", 100)
+    for body, why in cases.items():
+        (tmp_path / "b.json").write_text(body)
+        docs, *_ = read_all([tmp_path / "b.json"])
+        assert docs[0]["text"] == "one" and "reason" not in docs[0]
+        assert len(docs) == 2 and docs[1]["reason"] == "malformed_record" and why in docs[1]["meta"]["error"], body
