@@ -386,7 +386,8 @@ def _read_csv(unit: Unit, cfg: PrepareConfig, stats: dict) -> Iterator[dict]:
                 yield _malformed(unit, start, delimiter.join(row),
                                  f"{len(row)} fields where the header has {len(header)}")
                 continue
-            yield _doc(unit, start, row[ti], row[li] if li is not None else None,
+            # An empty cell is no label (as a Parquet null is), not a class named "".
+            yield _doc(unit, start, row[ti], row[li] if li is not None and row[li] else None,
                        row[ii] if ii is not None and row[ii] else None)
 
 

@@ -243,3 +243,9 @@ def test_a_broken_json_array_keeps_what_came_before_and_rejects_the_rest(tmp_pat
         docs, *_ = read_all([tmp_path / "b.json"])
         assert docs[0]["text"] == "one" and "reason" not in docs[0]
         assert len(docs) == 2 and docs[1]["reason"] == "malformed_record" and why in docs[1]["meta"]["error"], body
+
+
+def test_an_empty_csv_label_cell_is_no_label(tmp_path):
+    (tmp_path / "d.csv").write_text("text,label\nhello,pos\nworld,\n")
+    docs, *_ = read_all([tmp_path / "d.csv"])
+    assert [d.get("label") for d in docs] == ["pos", None]
