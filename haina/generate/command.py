@@ -30,12 +30,9 @@ def read_prompts(path: str | Path) -> list[dict[str, Any]]:
         raise HainaError(f"prompts file not found: {path}")
     if path.suffix not in (".txt", ".jsonl"):
         raise HainaError(f"prompts file {path} must be .txt (one prompt per line) or .jsonl (a 'prompt' field per line)")
-    specs = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if path.suffix == ".txt":
-            if line.strip():
-                specs.append({"prompt": line})
-            continue
+    lines = path.read_text(encoding="utf-8").splitlines()
+    specs = [{"prompt": line} for line in lines if line.strip()] if path.suffix == ".txt" else []
+    for n, line in enumerate(lines if path.suffix == ".jsonl" else [], 1):
         if not line.strip():
             continue
         try:
@@ -63,7 +60,12 @@ def _params_for(spec: dict[str, Any], base: SamplingParams, where: str) -> Sampl
     from haina.core.config import from_dict, to_dict
 
     changes = {k: v for k, v in spec.items() if k in _PARAM_FIELDS}
-    return from_dict(SamplingParams, {**to_dict(base), **changes}, where=where) if changes else base
+    params = from_dict(SamplingParams, {**to_dict(base), **changes}, where=where) if changes else base
+    try:
+        params.validate()
+    except HainaError as e:  # name the prompt whose options are wrong
+        raise HainaError(f"{where}{e}") from None
+    return params
 
 
 def _logprobs_json(tok: Tokenizer, lps: list[TokenLogprob] | None) -> list[dict] | None:
@@ -140,11 +142,6 @@ def generate_command(checkpoint: str, prompt: str | None = None, prompts_file: s
     base.validate()  # before loading the model: bad options fail fast
     specs = read_prompts(prompts_file) if prompts_file is not None else [{"prompt": prompt}]
     plist = [_params_for(s, base, f"{prompts_file}:prompt {i + 1}: ") for i, s in enumerate(specs)]
-    for i, sp in enumerate(plist):
-        try:
-            sp.validate()
-        except HainaError as e:  # name the prompt whose options are wrong
-            raise HainaError(f"{prompts_file}:prompt {i + 1}: {e}") from None
     model, tokenizer = load_model(checkpoint, device=resolve_device(device))
     if tokenizer is None:
         raise HainaError(f"checkpoint {checkpoint} has no tokenizer/ directory; generate needs one to read text")

@@ -80,10 +80,7 @@ class EngineLoop:
     def submit(self, seqs: list[Sequence], sink: Sink) -> None:
         """Queue sequences (all or none); raise `QueueFull` when the waiting queue has no room for them."""
         with self._lock:
-            if self._waiting + len(seqs) > self.max_queue:
-                raise QueueFull(f"the server queue is full ({self._waiting} sequences waiting, limit "
-                                f"{self.max_queue}); retry later")
-            self._waiting += len(seqs)
+            self._reserve(len(seqs))
             now = time.perf_counter()
             for s in seqs:
                 self._submitted[s.request_id] = now
@@ -103,13 +100,17 @@ class EngineLoop:
         """
         if queued:
             with self._lock:
-                if self._waiting + 1 > self.max_queue:
-                    raise QueueFull(f"the server queue is full ({self._waiting} sequences waiting, limit "
-                                    f"{self.max_queue}); retry later")
-                self._waiting += 1
+                self._reserve(1)
         fut: Future = Future()
         self._inbox.put(("call", (fn, fut, queued)))
         return fut
+
+    def _reserve(self, n: int) -> None:
+        """Count n more waiting sequences, or raise `QueueFull`; the caller holds the lock."""
+        if self._waiting + n > self.max_queue:
+            raise QueueFull(f"the server queue is full ({self._waiting} sequences waiting, limit "
+                            f"{self.max_queue}); retry later")
+        self._waiting += n
 
     def close(self, timeout: float = 10.0) -> None:
         self._stop = True

@@ -218,10 +218,6 @@ class Service:
         for ids in prompts:
             self._check_ids(ids, self.vocab_size)
             self._fits(ids, max_tokens)
-        if len(prompts) * req.n > self.config.max_queue:  # could never be admitted: a 429 would be retried forever
-            raise APIError(400, f"{len(prompts)} prompt(s) x n={req.n} is {len(prompts) * req.n} sequences, more than "
-                           f"the server's queue of {self.config.max_queue}; send fewer prompts per request",
-                           param="prompt")
         k = req.logprobs
         texts = [tok.decode(ids) for ids in prompts] if req.echo else None
         rid = f"cmpl-{uuid.uuid4().hex}"
@@ -409,6 +405,9 @@ class _Run:
         def sink(item) -> None:
             aloop.call_soon_threadsafe(self.queue.put_nowait, item)
 
+        if len(items) > loop.max_queue:  # could never be admitted: a 429 would be retried forever
+            raise APIError(400, f"the request needs {len(items)} sequences (prompts x n), more than the server's "
+                           f"queue of {loop.max_queue}; send fewer prompts or a smaller n", param="n")
         try:
             loop.submit([Sequence(s.request_id, ids, p) for s, ids, p in items], sink)
         except QueueFull as e:
