@@ -24,6 +24,7 @@ import torch
 from haina.core.errors import HainaError
 from haina.generate.beam import beam_search
 from haina.generate.cache import KVCache
+from haina.generate.head import DecodeHead
 from haina.generate.outputs import GenerationResult, StepEvent, TokenLogprob, token_logprobs
 from haina.generate.sampling import RowState, SamplingParams, sample_tokens
 from haina.model.transformer import Transformer
@@ -74,6 +75,7 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.eos_token_id = eos_token_id
         self.cache = KVCache(cfg, max_batch_size, self.max_seq_len, device=self.device, dtype=self.dtype)
+        self._head = DecodeHead(model.lm_head)
         self._waiting: deque[_Request] = deque()
         self._running: list[_Request] = []  # index == cache slot
         self._requests: dict[str, _Request] = {}
@@ -200,7 +202,7 @@ class Engine:
             idx = torch.tensor([[r.output[-1]] for r in reqs], device=self.device)
             starts = self.cache.lengths[row0:row0 + len(reqs)]
             positions = self.cache.bind(row0, starts, 1)
-            logits = model.decode(idx, positions=positions, cache=self.cache)  # (B, V)
+            logits = model.decode(idx, positions=positions, cache=self.cache, head=self._head)  # (B, V)
             self.cache.commit(row0, [1] * len(reqs))
         # Sampling and log-probabilities in fp32, whatever the model's dtype.
         logits = logits.float()

@@ -7,6 +7,7 @@ trainer); inference state (the KV cache) belongs to the generation engine and is
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -85,17 +86,20 @@ class Transformer(nn.Module):
                 x = block(x, rope, cache)
         return self.norm_f(x)
 
-    def decode(self, idx: torch.Tensor, *, positions: torch.Tensor, cache: KVCacheLike) -> torch.Tensor:
+    def decode(self, idx: torch.Tensor, *, positions: torch.Tensor, cache: KVCacheLike,
+               head: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
         """Logits (B, V) of one new token per row, idx (B, 1), through the inference engine's KV cache.
 
         The computation of `forward` in eval mode, without nn.Module call overhead (see
         `layers.call_plain`): the per-token cost of single-stream decoding on a small model is mostly
-        per-op overhead, not arithmetic. Hooks on Linear and norm layers do not fire here.
+        per-op overhead, not arithmetic. Hooks on Linear and norm layers do not fire here. `head`
+        replaces the LM head's call (the engine passes one with a pre-packed weight on CPUs).
         """
         x, rope = self._embed(idx, positions)
         for block in self.blocks:
             x = block.decode(x, rope, cache)
-        return call_plain(self.lm_head, call_plain(self.norm_f, x[:, -1]))
+        x = call_plain(self.norm_f, x[:, -1])
+        return head(x) if head is not None else call_plain(self.lm_head, x)
 
     def _embed(self, idx: torch.Tensor,
                positions: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:

@@ -34,8 +34,9 @@ def serve_command(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, ap
         served_model_name: the model name clients send (default: the checkpoint directory's name).
         device: auto, cpu, cuda, cuda:1 or mps.
         max_body_mb: largest request body accepted, in MiB (413 beyond).
-        threads: torch intra-op CPU threads (default: torch's choice). On a small model or a busy machine, 1 is
-            often fastest: extra threads spin against each other.
+        threads: torch intra-op CPU threads (default: torch's choice, one per core). Batched decode steps use
+            them all; a server that decodes one request at a time (--max-batch-size 1) can be faster with one
+            fewer, leaving a core to the HTTP thread (see benchmarks/serve_load.py).
         log_level: how much uvicorn logs (info logs every request).
     """
     import uvicorn

@@ -1,0 +1,72 @@
+"""The LM head of the engine's decode step: on a CPU, a oneDNN matmul over a pre-packed copy of the weight.
+
+A decode step multiplies a few rows (one per running sequence) by the (vocab, n_embd) LM head. For
+such a short, wide product MKL re-packs the whole weight on every call, so on a small model the head
+cost a batched step as much as a fifth of its time. oneDNN can pack the weight once, as PyTorch's
+own compiler does for frozen CPU linears; measured on 2 AVX2 cores for a 8192 x 320 head, that
+makes it 1.3-3x faster at 1-32 rows and a batched engine about 9% faster end to end, at the price
+of one copy of the head's weight.
+
+Everything else (GPUs, other dtypes, a head replaced by an adapter or with a bias, a torch without
+oneDNN, a head above `MAX_PACKED_BYTES`) uses the head module as it is. The copy follows the
+weight: if the model's weight is updated in place or replaced (training between generations, a
+new checkpoint loaded), it is packed again at the next call.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+# Above this the second copy costs more memory than the speed is worth (a large vocabulary's head is
+# also long enough for MKL's own packing to pay for itself).
+MAX_PACKED_BYTES = 256 * 2**20
+_PACK_ROWS_HINT = 16  # the batch size oneDNN picks its layout for; it serves any number of rows
+
+
+class DecodeHead:
+    """`head(x)`: logits (B, V) of final hidden states (B, C), as `lm_head(x)` computes them."""
+
+    def __init__(self, lm_head: nn.Module):
+        self.lm_head = lm_head
+        self._packed: torch.Tensor | None = None
+        self._stamp: tuple[int, int] | None = None  # (data pointer, version) of the weight that was packed
+        self.packed = self._can_pack()
+        if self.packed:
+            self.packed = self._pack() is not None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.packed:
+            return self.lm_head.forward(x)
+        w = self.lm_head.weight
+        packed = self._packed if self._stamp == (w.data_ptr(), w._version) else self._pack()
+        if packed is None:  # packing failed after a change of weight: stay on the plain path from now on
+            return self.lm_head.forward(x)
+        return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+
+    def _can_pack(self) -> bool:
+        head = self.lm_head
+        if type(head) is not nn.Linear or head.bias is not None:
+            return False
+        w = head.weight
+        return (w.device.type == "cpu" and w.dtype == torch.float32 and w.dim() == 2
+                and w.numel() * w.element_size() <= MAX_PACKED_BYTES and torch.backends.mkldnn.is_available()
+                and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+
+    def _pack(self) -> torch.Tensor | None:
+        """Pack the current weight and check it against the plain head once; None (and plain from now on) if not."""
+        w = self.lm_head.weight.detach()
+        try:
+            with torch.inference_mode():
+                packed = torch.ops.mkldnn._reorder_linear_weight(w, _PACK_ROWS_HINT)
+                probe = torch.randn(2, w.shape[1], generator=torch.Generator().manual_seed(0))
+                got = torch.ops.mkldnn._linear_pointwise(probe, packed, None, "none", [], "")
+                ok = torch.allclose(got, probe @ w.t(), rtol=1e-4, atol=1e-4)
+        except (RuntimeError, AttributeError, NotImplementedError):
+            ok = False
+        if not ok:
+            self.packed, self._packed, self._stamp = False, None, None
+            return None
+        self._packed, self._stamp = packed, (w.data_ptr(), w._version)
+        return packed
+
