@@ -75,7 +75,7 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.eos_token_id = eos_token_id
         self.cache = KVCache(cfg, max_batch_size, self.max_seq_len, device=self.device, dtype=self.dtype)
-        self._head = DecodeHead(model.lm_head)
+        self._head = DecodeHead(model)
         self._waiting: deque[_Request] = deque()
         self._running: list[_Request] = []  # index == cache slot
         self._requests: dict[str, _Request] = {}

@@ -3,14 +3,14 @@
 A decode step multiplies a few rows (one per running sequence) by the (vocab, n_embd) LM head. For
 such a short, wide product MKL re-packs the whole weight on every call, so on a small model the head
 cost a batched step as much as a fifth of its time. oneDNN can pack the weight once, as PyTorch's
-own compiler does for frozen CPU linears; measured on 2 AVX2 cores for a 8192 x 320 head, that
-makes it 1.3-3x faster at 1-32 rows and a batched engine about 9% faster end to end, at the price
-of one copy of the head's weight.
+own compiler does for frozen CPU linears. Measured on 2 AVX2 cores for a 8192 x 320 head, that
+makes the head 1.3-3x faster at 2-32 rows (about the same for one row) and a batched engine about
+9% faster end to end, at the price of one copy of the head's weight.
 
 Everything else (GPUs, other dtypes, a head replaced by an adapter or with a bias, a torch without
 oneDNN, a head above `MAX_PACKED_BYTES`) uses the head module as it is. The copy follows the
-weight: if the model's weight is updated in place or replaced (training between generations, a
-new checkpoint loaded), it is packed again at the next call.
+model: if the weight is updated in place or replaced (training between generations, a new
+checkpoint loaded), or the head module itself is swapped, it is packed again at the next call.
 """
 
 from __future__ import annotations
@@ -18,24 +18,28 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-# Above this the second copy costs more memory than the speed is worth (a large vocabulary's head is
-# also long enough for MKL's own packing to pay for itself).
+# A second copy of a larger head (a 128k vocabulary at fp32) costs more memory than a CPU server should
+# spend on it unasked; such heads run unchanged.
 MAX_PACKED_BYTES = 256 * 2**20
 _PACK_ROWS_HINT = 16  # the batch size oneDNN picks its layout for; it serves any number of rows
 
 
 class DecodeHead:
-    """`head(x)`: logits (B, V) of final hidden states (B, C), as `lm_head(x)` computes them."""
+    """`head(x)`: logits (B, V) of final hidden states (B, C), as `model.lm_head(x)` computes them."""
 
-    def __init__(self, lm_head: nn.Module):
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self._reset(model.lm_head)
+
+    def _reset(self, lm_head: nn.Module) -> None:
         self.lm_head = lm_head
         self._packed: torch.Tensor | None = None
         self._stamp: tuple[int, int] | None = None  # (data pointer, version) of the weight that was packed
-        self.packed = self._can_pack()
-        if self.packed:
-            self.packed = self._pack() is not None
+        self.packed = self._can_pack() and self._pack() is not None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.model.lm_head is not self.lm_head:
+            self._reset(self.model.lm_head)
         if not self.packed:
             return self.lm_head.forward(x)
         w = self.lm_head.weight

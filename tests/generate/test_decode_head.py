@@ -16,11 +16,18 @@ def head(vocab: int = 512, dim: int = 64, bias: bool = False, **kw) -> nn.Linear
     return nn.Linear(dim, vocab, bias=bias, **kw)
 
 
+def holder(lm_head: nn.Module) -> nn.Module:
+    """A model-like module whose `lm_head` is the given one."""
+    model = nn.Module()
+    model.lm_head = lm_head
+    return model
+
+
 @needs_onednn
 @pytest.mark.parametrize("rows", [1, 3, 16, 40])
 def test_packed_head_equals_the_module(rows):
     lin = head()
-    h = DecodeHead(lin)
+    h = DecodeHead(holder(lin))
     assert h.packed
     x = torch.randn(rows, 64)
     with torch.inference_mode():
@@ -32,7 +39,8 @@ def test_packed_head_equals_the_module(rows):
 @needs_onednn
 def test_packed_head_follows_weight_updates():
     lin = head()
-    h = DecodeHead(lin)
+    model = holder(lin)
+    h = DecodeHead(model)
     x = torch.randn(4, 64)
     with torch.no_grad():
         lin.weight.mul_(2.0)  # in place, as an optimizer step
@@ -41,6 +49,10 @@ def test_packed_head_follows_weight_updates():
     lin.weight = nn.Parameter(torch.randn(512, 64))  # replaced, as a loaded checkpoint
     with torch.inference_mode():
         torch.testing.assert_close(h(x), lin(x), rtol=1e-5, atol=1e-5)
+    model.lm_head = nn.Sequential(nn.Linear(64, 512))  # the module swapped, as by an adapter
+    with torch.inference_mode():
+        assert torch.equal(h(x), model.lm_head(x))
+        assert not h.packed
 
 
 @pytest.mark.parametrize("module", [
@@ -49,7 +61,7 @@ def test_packed_head_follows_weight_updates():
     nn.Sequential(nn.Linear(64, 512)),  # an adapter or wrapper in the head's place
 ], ids=["bias", "bf16", "wrapped"])
 def test_other_heads_run_unchanged(module):
-    h = DecodeHead(module)
+    h = DecodeHead(holder(module))
     assert not h.packed
     x = torch.randn(3, 64, dtype=next(module.parameters()).dtype)
     with torch.inference_mode():
