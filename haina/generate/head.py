@@ -31,22 +31,28 @@ class DecodeHead:
         self.model = model
         self._reset(model.lm_head)
 
+    @property
+    def packed(self) -> bool:
+        """Whether calls go through the packed copy (else through the head module)."""
+        return self._packed is not None
+
     def _reset(self, lm_head: nn.Module) -> None:
         self.lm_head = lm_head
         self._packed: torch.Tensor | None = None
         self._stamp: tuple[int, int] | None = None  # (data pointer, version) of the weight that was packed
-        self.packed = self._can_pack() and self._pack() is not None
+        if self._can_pack():
+            self._pack()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.model.lm_head is not self.lm_head:
             self._reset(self.model.lm_head)
-        if not self.packed:
+        if self._packed is not None:
+            w = self.lm_head.weight
+            if self._stamp != (w.data_ptr(), w._version):
+                self._pack()  # a failure leaves the head on the plain path from now on
+        if self._packed is None:
             return self.lm_head.forward(x)
-        w = self.lm_head.weight
-        packed = self._packed if self._stamp == (w.data_ptr(), w._version) else self._pack()
-        if packed is None:  # packing failed after a change of weight: stay on the plain path from now on
-            return self.lm_head.forward(x)
-        return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+        return torch.ops.mkldnn._linear_pointwise(x, self._packed, None, "none", [], "")
 
     def _can_pack(self) -> bool:
         head = self.lm_head
@@ -54,23 +60,19 @@ class DecodeHead:
             return False
         w = head.weight
         return (w.device.type == "cpu" and w.dtype == torch.float32 and w.dim() == 2
-                and w.numel() * w.element_size() <= MAX_PACKED_BYTES and torch.backends.mkldnn.is_available()
-                and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+                and w.numel() * w.element_size() <= MAX_PACKED_BYTES and torch.backends.mkldnn.is_available())
 
-    def _pack(self) -> torch.Tensor | None:
-        """Pack the current weight and check it against the plain head once; None (and plain from now on) if not."""
+    def _pack(self) -> None:
+        """Pack the current weight, checked once against the plain product; on any failure, stay unpacked."""
+        self._packed = None
         w = self.lm_head.weight.detach()
-        try:
+        try:  # private ops (torch's inductor uses them): a torch without them raises here
             with torch.inference_mode():
                 packed = torch.ops.mkldnn._reorder_linear_weight(w, _PACK_ROWS_HINT)
                 probe = torch.randn(2, w.shape[1], generator=torch.Generator().manual_seed(0))
                 got = torch.ops.mkldnn._linear_pointwise(probe, packed, None, "none", [], "")
                 ok = torch.allclose(got, probe @ w.t(), rtol=1e-4, atol=1e-4)
         except (RuntimeError, AttributeError, NotImplementedError):
-            ok = False
-        if not ok:
-            self.packed, self._packed, self._stamp = False, None, None
-            return None
-        self._packed, self._stamp = packed, (w.data_ptr(), w._version)
-        return packed
-
+            return
+        if ok:
+            self._packed, self._stamp = packed, (w.data_ptr(), w._version)
