@@ -1,4 +1,4 @@
-"""Atomic file output: write to a temporary name in the same directory, then rename.
+"""Atomic file output: write to a temporary name in the same directory, fsync, then rename.
 
 A crash mid-write leaves the old file (or nothing), never a truncated one, because
 `os.replace` is atomic on POSIX within one filesystem.
@@ -33,6 +33,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp_path
         if tmp_path.exists():  # mkstemp makes it 0600; give the file the mode a plain open() would
             os.chmod(tmp_path, 0o666 & ~_UMASK)
+            # Durable before visible: a power cut after the rename must not leave an empty file under the name.
+            with open(tmp_path, "rb") as f:
+                os.fsync(f.fileno())
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
@@ -50,23 +53,21 @@ _UMASK = _read_umask()
 
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary directory beside `path`; on success it replaces `path` whole."""
+    """Yield a temporary directory beside `path`; on success it is fsynced and swapped in for `path`.
+
+    The old directory (if any) is renamed away before the new one is renamed in and deleted only after, so
+    a crash at any moment leaves a complete old or new copy on disk. Callers that replace a directory the
+    user gave must check it first (`haina.core.output.check_output`); this helper does not.
+    """
+    from haina.core.output import fsync_tree, swap_in
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
-        if path.exists():
-            # Move the old directory aside first: between the two renames `path` is briefly missing, but a
-            # complete copy is always on disk (the old one at .NAME.old until the new one is in place).
-            old = path.with_name(f".{path.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, path)
+        fsync_tree(tmp)
+        swap_in(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -88,9 +89,26 @@ def write_yaml(path: str | os.PathLike, obj: Any) -> None:
     write_text(path, yaml.safe_dump(obj, sort_keys=False))
 
 
-def read_json(path: str | os.PathLike) -> Any:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+def read_json(path: str | os.PathLike, hint: str = "", expect: type | None = None) -> Any:
+    """The JSON value in `path`; a file that is not UTF-8 JSON (or not of type `expect`) is a one-line HainaError.
+
+    Args:
+        path: the file.
+        hint: appended to the error after "; " (what the user can do: "re-create it with ...").
+        expect: the type the top-level value must have (dict for an object), or None for any.
+    """
+    tail = f"; {hint}" if hint else ""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise HainaError(f"cannot read {path}: not valid JSON (line {e.lineno}: {e.msg}){tail}") from None
+    except UnicodeDecodeError:
+        raise HainaError(f"cannot read {path}: not UTF-8 text (is it a JSON file?){tail}") from None
+    if expect is not None and not isinstance(data, expect):
+        want = "a JSON object" if expect is dict else f"JSON {expect.__name__}"
+        raise HainaError(f"cannot read {path}: expected {want}, got {type(data).__name__}{tail}")
+    return data
 
 
 def match_input(raw: str) -> list[Path]:

@@ -33,10 +33,12 @@ import numpy as np
 from haina.core.errors import HainaError
 from haina.core.io import read_json, write_json
 from haina.core.log import info, progress
+from haina.core.output import check_output, output_dir
 from haina.data.text_input import find_split_dirs, iter_documents
 from haina.tokenizer import Tokenizer
 
 FORMAT = "haina-shards/1"
+COMMAND = "data tokenize"  # the name in the manifest of its outputs
 SHARD_TOKENS = 100_000_000  # 200 MB per uint16 shard: few files, each still quick to copy
 BATCH_DOCS = 1000
 BATCH_CHARS = 4_000_000  # a batch is enough work for every core, and its encodings stay in the tens of MB
@@ -239,7 +241,7 @@ def _move_tail(src: _ShardWriter, dst: _ShardWriter, n: int, eos_id: int) -> Non
 
 def tokenize_to_shards(documents: Iterable[str] | Mapping[str, Iterable[str]], tokenizer: Tokenizer,
                        out: str | Path, val_fraction: float = 0.1, shard_tokens: int = SHARD_TOKENS,
-                       save_tokenizer: bool = True) -> dict:
+                       save_tokenizer: bool = True, shown_as: str | Path | None = None) -> dict:
     """Encode documents into train/val token shards under `out` and return the meta.json written.
 
     Args:
@@ -250,6 +252,7 @@ def tokenize_to_shards(documents: Iterable[str] | Mapping[str, Iterable[str]], t
         val_fraction: share of documents (or, for a single document, of tokens) that go to val.
         shard_tokens: tokens per shard file before rolling over to the next.
         save_tokenizer: also save the tokenizer to OUT/tokenizer/ so the directory is self-contained.
+        shown_as: the name of the output in the summary line, when `out` is a directory it is built in.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise HainaError(f"val_fraction must be in [0, 1), got {val_fraction}")
@@ -272,7 +275,8 @@ def tokenize_to_shards(documents: Iterable[str] | Mapping[str, Iterable[str]], t
                 for piece in _pieces(text):
                     pieces.append(piece)
                     owners.append(i)
-            encoded = tokenizer.encode_batch(pieces)
+            # Documents are text: a "<|endoftext|>" written in one stays text, only the EOS below ends a document.
+            encoded = tokenizer.encode_batch(pieces, parse_special=False)
             flat: dict[str, list[int]] = {}
             for j, ids in enumerate(encoded):
                 split = batch[owners[j]][0]
@@ -311,7 +315,7 @@ def tokenize_to_shards(documents: Iterable[str] | Mapping[str, Iterable[str]], t
     meta_splits = meta["splits"]
     summary = ", ".join(f"{s} {v['tokens']:,} tokens / {v['documents']:,} docs / {len(v['shards'])} shards"
                         for s, v in meta_splits.items())
-    info(f"tokenized into {out}: {summary}; {meta['dtype']}, {total / max(seconds, 1e-9):,.0f} tokens/s")
+    info(f"tokenized into {shown_as or out}: {summary}; {meta['dtype']}, {total / max(seconds, 1e-9):,.0f} tokens/s")
     return meta
 
 
@@ -355,21 +359,25 @@ def _finalize(out: Path, writers: dict[str, _ShardWriter], tokenizer: Tokenizer,
 
 
 def tokenize_command(input: list[str], tokenizer: str, out: str, val_fraction: float = 0.1, text_field: str = "text",
-                     workers: int = 0) -> None:
+                     workers: int = 0, overwrite: bool = False) -> None:
     """Encode text into memory-mapped train/val token shards for pretraining.
 
     Documents go to val by a hash of their text (deterministic); a single document is split by
     its last tokens instead, and a `haina data prepare` output keeps its own train/val split.
-    Writes OUT/meta.json, OUT/<split>-NNNNN.bin and a copy of the tokenizer in OUT/tokenizer/.
+    Writes OUT/meta.json, OUT/<split>-NNNNN.bin and a copy of the tokenizer in OUT/tokenizer/, built
+    beside OUT and swapped in when complete.
 
     Args:
         input: .txt/.jsonl/.parquet files (optionally compressed), directories or globs, or one
             `haina data prepare` output directory.
         tokenizer: tokenizer directory (or tokenizer.json) from `haina tokenizer train`.
-        out: output directory for the shards.
+        out: output directory for the shards (an earlier `data tokenize` output there is replaced; anything else
+            needs --overwrite).
         val_fraction: share of documents held out for validation.
         text_field: the text field of .jsonl records and .parquet columns.
         workers: encoder threads; 0 uses every core.
+        overwrite: replace an existing OUT that is not a `data tokenize` output (never one that is, holds or lies
+            inside an input or the tokenizer).
     """
     if workers < 0:
         raise HainaError(f"--workers must be 0 (every core) or positive, got {workers}")
@@ -380,6 +388,8 @@ def tokenize_command(input: list[str], tokenizer: str, out: str, val_fraction: f
         os.environ["RAYON_NUM_THREADS"] = str(workers)
         if workers == 1:
             os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    inputs = [*input, tokenizer]
+    check_output(out, COMMAND, inputs=inputs, overwrite=overwrite)  # before the work, not after it
     tok = Tokenizer.load(tokenizer)
     splits = find_split_dirs(input)
     if splits is not None:
@@ -388,4 +398,5 @@ def tokenize_command(input: list[str], tokenizer: str, out: str, val_fraction: f
             s: iter_documents(paths, text_field=text_field) for s, paths in splits.items()}
     else:
         documents = iter_documents(input, text_field=text_field)
-    tokenize_to_shards(documents, tok, out, val_fraction=val_fraction)
+    with output_dir(out, COMMAND, inputs=inputs, overwrite=overwrite) as tmp:
+        tokenize_to_shards(documents, tok, tmp, val_fraction=val_fraction, shown_as=out)

@@ -9,17 +9,16 @@ the mapping is plain tensors and JSON (`haina.model.hf`).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Literal
 
 import torch
 from safetensors.torch import save_file
-from tokenizers import Tokenizer as HFTokenizer
 
 from haina.core.errors import HainaError
-from haina.core.io import atomic_dir, write_json, write_text
+from haina.core.io import write_json, write_text
 from haina.core.log import info
+from haina.core.output import check_output, output_dir
 from haina.model.checkpoint import load_model, save_model
 from haina.model.hf import (
     DTYPES,
@@ -32,19 +31,24 @@ from haina.model.hf import (
 )
 from haina.model.transformer import Transformer
 from haina.tokenizer import Tokenizer
-from haina.tokenizer.tokenizer import EOT
+from haina.tokenizer.tokenizer import EOT, read_tokenizer_config, read_tokenizer_file
+
+EXPORT, IMPORT = "export hf", "import hf"  # the names in the manifests of their outputs
 
 
 # ---------------------------------------------------------------------------------------- export
 def export_hf(model: Transformer, tokenizer: Tokenizer | None, out: str | Path,
-              dtype: Literal["float32", "bfloat16", "float16"] = "float32") -> Path:
+              dtype: Literal["float32", "bfloat16", "float16"] = "float32", *, overwrite: bool = False,
+              inputs: tuple[str | Path, ...] = ()) -> Path:
     """Write `model` (and `tokenizer`) as a `transformers` model directory, atomically; returns the path.
 
     Args:
         model: the haina model.
         tokenizer: its tokenizer, written as PreTrainedTokenizerFast files; None to write weights only.
-        out: the directory to create (an existing one is replaced only if it holds a model export).
+        out: the directory to create (an existing one is replaced only if it is an earlier `export hf` output).
         dtype: element type of the written weights.
+        overwrite: replace an existing `out` of any other kind (never one overlapping `inputs`).
+        inputs: where the model came from; `out` may never be, hold or lie inside them.
     """
     if dtype not in DTYPES:
         raise HainaError(f"unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
@@ -54,8 +58,7 @@ def export_hf(model: Transformer, tokenizer: Tokenizer | None, out: str | Path,
     weights = {k: v.to(device="cpu", dtype=DTYPES[dtype]) if v.is_floating_point() else v.cpu()
                for k, v in to_hf_state_dict(cfg, model.weights()).items()}
     out = Path(out)
-    _check_replaceable(out, "hf")
-    with atomic_dir(out) as tmp:
+    with output_dir(out, EXPORT, inputs=inputs, overwrite=overwrite) as tmp:
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt", "producer": "haina"})
         write_json(tmp / "config.json", hf_config)
         write_json(tmp / "generation_config.json", {k: v for k, v in ids.items() if v is not None})
@@ -87,25 +90,6 @@ def _special_ids(tokenizer: Tokenizer | None) -> dict[str, int | None]:
     return {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
 
 
-def _check_replaceable(out: Path, kind: Literal["hf", "haina"], source: str | Path | None = None) -> None:
-    """atomic_dir replaces `out` whole: refuse to do that to a directory of another kind than this command
-    writes (a haina checkpoint or training run is no earlier Hugging Face export), or to the source itself."""
-    src, dst = Path(source).resolve() if source is not None else None, out.resolve()
-    if src is not None and (dst == src or dst in src.parents):
-        raise HainaError(f"--out {out} holds the model being converted and would be replaced by it; choose a new --out")
-    if not out.exists():
-        return
-    if kind == "hf":  # an earlier export: config.json, and no haina config.yaml beside it
-        ours = (out / "config.json").is_file() and not (out / "config.yaml").exists()
-        what = "a Hugging Face model directory"
-    else:  # an earlier import: one haina checkpoint, not a training run (which has no top-level weights)
-        ours = (out / "config.yaml").is_file() and (out / "model.safetensors").is_file()
-        what = "a haina checkpoint"
-    if not out.is_dir() or (any(out.iterdir()) and not ours):
-        raise HainaError(f"{out} exists and is not a model directory of the kind written here ({what}); choose a "
-                         "new --out (it is replaced whole)")
-
-
 # ---------------------------------------------------------------------------------------- import
 def import_hf(path: str | Path) -> tuple[Transformer, Tokenizer | None]:
     """Load a local `transformers` Llama-family or GPT-2 directory as a haina model (fp32) and tokenizer."""
@@ -114,14 +98,31 @@ def import_hf(path: str | Path) -> tuple[Transformer, Tokenizer | None]:
         raise HainaError(f"Hugging Face model directory not found: {path}")
     hf = read_hf_config(path)
     cfg = from_hf_config(hf)
+    weights = from_hf_state_dict(cfg, load_hf_weights(path))
+    _check_shapes(cfg, weights, path)
     model = Transformer(cfg)
-    model.load_weights(from_hf_state_dict(cfg, load_hf_weights(path)))
+    model.load_weights(weights)
     model.eval()
     tokenizer = load_hf_tokenizer(path, eos_token_id=hf.get("eos_token_id"))
     if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
         raise HainaError(f"the tokenizer in {path} has {tokenizer.vocab_size} tokens but the model only "
                          f"{cfg.vocab_size}; they do not belong together")
     return model, tokenizer
+
+
+def _check_shapes(cfg, weights: dict[str, torch.Tensor], path: Path) -> None:
+    """Compare the weights with the model config.json describes, built on the meta device (no memory): a damaged
+    size in config.json (a width of 10^12) is refused before a model that large is allocated."""
+    try:
+        with torch.device("meta"):
+            expected = Transformer(cfg).weights()
+    except (RuntimeError, ValueError, TypeError, OverflowError) as e:  # sizes the config accepts but torch refuses
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise HainaError(f"{path / 'config.json'} describes a model that cannot be built ({reason})") from None
+    for name, want in expected.items():
+        if name in weights and tuple(weights[name].shape) != tuple(want.shape):
+            raise HainaError(f"{path / 'config.json'} does not describe the weights beside it: {name} is "
+                             f"{tuple(weights[name].shape)} in the weights but {tuple(want.shape)} by config.json")
 
 
 def load_hf_tokenizer(path: str | Path, eos_token_id: int | list[int] | None = None) -> Tokenizer | None:
@@ -131,14 +132,17 @@ def load_hf_tokenizer(path: str | Path, eos_token_id: int | list[int] | None = N
     merges.txt, tokenizer.model) is converted through `transformers`.
     """
     path = Path(path)
-    cfg_file = path / "tokenizer_config.json"
-    cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
-    if (path / "tokenizer.json").is_file():
-        tok = HFTokenizer.from_file(str(path / "tokenizer.json"))
+    cfg = read_tokenizer_config(path / "tokenizer_config.json")
+    if (path / "tokenizer.json").exists():
+        tok = read_tokenizer_file(path / "tokenizer.json")
     elif any((path / f).is_file() for f in ("vocab.json", "tokenizer.model")):
         from transformers import AutoTokenizer
 
-        fast = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        try:
+            fast = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:  # damaged vocab/merges/model
+            raise HainaError(f"cannot read the tokenizer files in {path} ({str(e).splitlines()[0] if str(e) else e!r})"
+                             ) from None
         if not getattr(fast, "is_fast", False):
             info(f"tokenizer in {path} has no fast version; imported without a tokenizer")
             return None
@@ -170,12 +174,18 @@ def _chat_template(path: Path, cfg: dict) -> str | None:
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default") or next(iter(named.values()), None)
     if template is None and (path / "chat_template.jinja").is_file():  # where transformers >= 4.51 saves it
-        template = (path / "chat_template.jinja").read_text(encoding="utf-8")
+        try:
+            template = (path / "chat_template.jinja").read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise HainaError(f"cannot read {path / 'chat_template.jinja'}: not UTF-8 text") from None
+    if template is not None and not isinstance(template, str):
+        raise HainaError(f"the chat template in {path / 'tokenizer_config.json'} is not a string")
     return template
 
 
 # ---------------------------------------------------------------------------------------- commands
-def export_hf_command(checkpoint: str, out: str, dtype: Literal["float32", "bfloat16", "float16"] = "float32") -> None:
+def export_hf_command(checkpoint: str, out: str, dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+                      overwrite: bool = False) -> None:
     """Export a checkpoint as a Hugging Face transformers model directory.
 
     Llama layout for rmsnorm + rope + swiglu models, GPT-2 layout for layernorm + learned
@@ -184,19 +194,22 @@ def export_hf_command(checkpoint: str, out: str, dtype: Literal["float32", "bflo
 
     Args:
         checkpoint: a checkpoint directory or a training run directory (its best checkpoint).
-        out: the directory to write (an earlier export there is replaced whole; anything else is refused).
+        out: the directory to write (an earlier `export hf` output there is replaced whole; anything else needs
+            --overwrite).
         dtype: element type of the exported weights.
+        overwrite: replace an existing OUT that is not an `export hf` output (never one that is, holds or lies
+            inside the checkpoint).
     """
-    _check_replaceable(Path(out), "hf", source=checkpoint)
+    check_output(out, EXPORT, inputs=[checkpoint], overwrite=overwrite)  # before loading the model
     model, tokenizer = load_model(checkpoint)
     if tokenizer is None:
         info("the checkpoint has no tokenizer: exporting the model only")
-    export_hf(model, tokenizer, out, dtype=dtype)
+    export_hf(model, tokenizer, out, dtype=dtype, overwrite=overwrite, inputs=(checkpoint,))
     kind = to_hf_config(model.cfg)["architectures"][0]
     info(f"exported {model.num_params():,} parameters as {kind} ({dtype}) to {out}")
 
 
-def import_hf_command(path: str, out: str) -> None:
+def import_hf_command(path: str, out: str, overwrite: bool = False) -> None:
     """Import a Hugging Face Llama-family or GPT-2 model from a local directory as a haina checkpoint.
 
     Reads config.json and model.safetensors (also sharded, or pytorch_model.bin) plus the
@@ -204,12 +217,15 @@ def import_hf_command(path: str, out: str) -> None:
 
     Args:
         path: the transformers model directory (as written by save_pretrained).
-        out: the haina checkpoint directory to write (an earlier checkpoint there is replaced whole).
+        out: the haina checkpoint directory to write (an earlier `import hf` output there is replaced whole;
+            anything else needs --overwrite).
+        overwrite: replace an existing OUT that is not an `import hf` output (never one that is, holds or lies
+            inside PATH).
     """
     target = Path(out)
-    _check_replaceable(target, "haina", source=path)
+    check_output(target, IMPORT, inputs=[path], overwrite=overwrite)  # before reading the model
     model, tokenizer = import_hf(path)
-    with torch.no_grad(), atomic_dir(target) as tmp:
+    with torch.no_grad(), output_dir(target, IMPORT, inputs=[path], overwrite=overwrite) as tmp:
         save_model(tmp, model, tokenizer, extra_config={"source": {"hugging_face": str(Path(path).resolve())}})
     what = "with its tokenizer" if tokenizer is not None else "without a tokenizer"
     info(f"imported {model.num_params():,} parameters ({read_hf_config(path)['model_type']}) {what} to {out}")

@@ -24,10 +24,12 @@ from tokenizers import Tokenizer as HFTokenizer
 from haina.core.errors import HainaError
 from haina.core.io import match_input
 from haina.core.log import info
+from haina.core.output import check_output, output_dir
 from haina.tokenizer.tokenizer import EOT, Tokenizer
 
 UNK = "<|unk|>"  # the character vocabulary's stand-in for characters never seen in training
 N_BYTES = 256
+COMMAND = "tokenizer train"  # the name in the manifest of its outputs
 
 
 def _eos_and_extra(special_tokens: Iterable[str]) -> tuple[str, tuple[str, ...]]:
@@ -117,24 +119,30 @@ def train_char(texts: Iterable[str], special_tokens: Iterable[str] = (EOT,)) -> 
 
 
 def train_command(input: list[str], out: str, vocab_size: int = 8192, kind: Literal["bpe", "char"] = "bpe",
-                  text_field: str = "text") -> None:
+                  text_field: str = "text", overwrite: bool = False) -> None:
     """Train a byte-level BPE or character tokenizer on text files and save it.
 
     Reads .txt, .jsonl and .parquet files (optionally .gz/.zst/.bz2), directories and globs, and
-    writes OUT/tokenizer.json and OUT/tokenizer_config.json (readable by transformers).
+    writes OUT/tokenizer.json and OUT/tokenizer_config.json (readable by transformers), built beside
+    OUT and swapped in when complete.
 
     Args:
         input: files, directories or glob patterns holding the training text.
-        out: output directory for the tokenizer.
+        out: output directory for the tokenizer (an earlier `tokenizer train` output there is replaced; anything
+            else needs --overwrite).
         vocab_size: BPE vocabulary size, special tokens included (ignored for char).
         kind: bpe (byte-level, any text round-trips) or char (one token per character seen).
         text_field: the text field of .jsonl records and .parquet columns.
+        overwrite: replace an existing OUT that is not a `tokenizer train` output (never one that is, holds or lies
+            inside an input).
     """
     if not input:
         raise HainaError("no input given; pass --input FILE [FILE ...]")
+    check_output(out, COMMAND, inputs=input, overwrite=overwrite)  # before training, which may take long
     docs = iter_documents(input, text_field=text_field)
     tok = train_bpe(docs, vocab_size) if kind == "bpe" else train_char(docs)
-    tok.save(out)
+    with output_dir(out, COMMAND, inputs=input, overwrite=overwrite) as tmp:
+        tok.save(tmp)
     info(f"trained a {kind} tokenizer with {tok.vocab_size:,} tokens → {Path(out) / 'tokenizer.json'}")
 
 

@@ -80,7 +80,9 @@ def test_tokenizer_exports_as_pretrained_fast_with_chat_template(tokenizer, tmp_
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert isinstance(hf_tok, transformers.PreTrainedTokenizerFast)
     text = "fox 日本語 ✓ lazy<|im_end|>"
-    assert hf_tok.encode(text, add_special_tokens=False) == tokenizer.encode(text)
+    # transformers parses special strings in text by default, haina only when asked: the same ids either way.
+    assert hf_tok.encode(text, add_special_tokens=False) == tokenizer.encode(text, parse_special=True)
+    assert hf_tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] == tokenizer.encode(text)
     assert hf_tok.decode(tokenizer.encode(text)) == text
     assert (hf_tok.eos_token, hf_tok.pad_token) == ("<|endoftext|>", "<|pad|>")
     assert hf_tok.eos_token_id == tokenizer.eos_id
@@ -123,7 +125,7 @@ def test_export_never_replaces_a_foreign_directory(tmp_path):
     precious = tmp_path / "home"
     precious.mkdir()
     (precious / "notes.txt").write_text("keep me")
-    with pytest.raises(HainaError, match="not a model directory"):
+    with pytest.raises(HainaError, match="not a haina output.*--overwrite"):
         export_hf(Transformer(_cfg()), None, precious)
     assert (precious / "notes.txt").read_text() == "keep me"
     # A previous export is replaced whole, with no leftovers.
@@ -168,7 +170,7 @@ def test_tokenizer_imports_from_slow_gpt2_files(tokenizer, tmp_path):
 
 
 def test_commands_never_replace_their_source_or_a_training_run(tmp_path):
-    """atomic_dir replaces --out whole: a haina checkpoint, a run directory or the source must survive."""
+    """--out is replaced whole: a haina checkpoint, a run directory or the source must survive."""
     from haina.export.hf import export_hf_command, import_hf_command
     from haina.model.checkpoint import save_model
 
@@ -178,7 +180,7 @@ def test_commands_never_replace_their_source_or_a_training_run(tmp_path):
     (run / "checkpoints").mkdir(parents=True)
     (run / "config.yaml").write_text("model: {}\n")
     for out in (tmp_path / "ckpt", run, tmp_path):
-        with pytest.raises(HainaError, match="choose a new --out"):
+        with pytest.raises(HainaError, match="choose another --out"):
             export_hf_command(str(tmp_path / "ckpt"), str(out))
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == before
     assert (run / "checkpoints").is_dir()
@@ -186,7 +188,7 @@ def test_commands_never_replace_their_source_or_a_training_run(tmp_path):
     export_hf_command(str(tmp_path / "ckpt"), str(tmp_path / "hf"))
     export_hf_command(str(tmp_path / "ckpt"), str(tmp_path / "hf"))  # an earlier export is replaced
     for out in (tmp_path / "hf", run):
-        with pytest.raises(HainaError, match="choose a new --out"):
+        with pytest.raises(HainaError, match="choose another --out"):
             import_hf_command(str(tmp_path / "hf"), str(out))
     assert (tmp_path / "hf" / "config.json").is_file() and not (tmp_path / "hf" / "config.yaml").exists()
     import_hf_command(str(tmp_path / "hf"), str(tmp_path / "back"))

@@ -19,11 +19,13 @@ from pathlib import Path
 from haina.core.errors import HainaError
 from haina.core.io import write_json
 from haina.core.log import info
+from haina.core.output import check_output, output_dir
 from haina.data.prepare.config import Format, PrepareConfig
 from haina.data.prepare.readers import discover_units, read_unit
 from haina.data.prepare.writers import ShardedWriter
 
 METHODS = ("delete", "swap", "synonym")
+COMMAND = "data augment"  # the name in the manifest of its outputs
 _EDGE_PUNCT = re.compile(r"^(\W*)(.*?)(\W*)$", re.DOTALL)
 
 
@@ -32,7 +34,10 @@ def load_synonyms(path: str | Path) -> dict[str, list[str]]:
     p = Path(path)
     if not p.is_file():
         raise HainaError(f"synonym file not found: {p}")
-    text = p.read_text(encoding="utf-8")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise HainaError(f"synonym file {p} is not UTF-8 text (byte {e.start})") from None
     if p.suffix.lower() == ".json":
         try:
             data = json.loads(text)
@@ -137,17 +142,17 @@ def augment_documents(docs, methods: tuple[str, ...], copies: int, p: dict[str, 
 def augment_command(input: list[str], out: str, synonyms: str | None = None, methods: str | None = None,
                     copies: int = 1, p_delete: float = 0.1, p_swap: float = 0.1, p_synonym: float = 0.15,
                     seed: int = 0, format: Format = "auto", text_field: str = "text",
-                    label_field: str = "label") -> int:
+                    label_field: str = "label", overwrite: bool = False) -> int:
     """Augment a labeled dataset with random deletion, random swap and synonym replacement.
 
     Reads any input `haina data prepare` reads. Given a directory written by `haina data prepare`,
     augments its train/ split and copies val/ and test/ unchanged. Writes OUT/train/ (originals
     plus augmented rows, marked with meta.augmented, meta.method and meta.parent) and
-    OUT/augment_report.json.
+    OUT/augment_report.json, built beside OUT and swapped in when complete.
 
     Args:
         input: input files, directories or globs (or a directory written by `haina data prepare`).
-        out: output directory.
+        out: output directory (an earlier `data augment` output there is replaced; anything else needs --overwrite).
         synonyms: synonym file: JSON {word: [synonyms]} or lines 'word: syn1, syn2'.
         methods: comma list of delete, swap, synonym (default: delete,swap, plus synonym with --synonyms).
         copies: augmented copies per document and method.
@@ -158,6 +163,8 @@ def augment_command(input: list[str], out: str, synonyms: str | None = None, met
         format: input format; auto decides by file extension.
         text_field: the field or column holding the text.
         label_field: the field or column holding the label.
+        overwrite: replace an existing OUT that is not a `data augment` output (never one that is, holds or lies
+            inside an input).
     """
     chosen = tuple(m.strip() for m in methods.split(",") if m.strip()) if methods else \
         ("delete", "swap") + (("synonym",) if synonyms else ())
@@ -174,15 +181,15 @@ def augment_command(input: list[str], out: str, synonyms: str | None = None, met
     table = load_synonyms(synonyms) if synonyms else None
     cfg = PrepareConfig(format=format, text_field=text_field, label_field=label_field)
     out_dir = Path(out)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise HainaError(f"the output {out_dir} is a file, not a directory; pass a directory to --out")
+    # Before anything is read: `--input P --out P` would replace P (and its val/ with it) by the augmented copy.
+    check_output(out_dir, COMMAND, inputs=input, overwrite=overwrite)
 
     inputs, copy_dirs = list(input), []
     if len(inputs) == 1 and (Path(inputs[0]) / "report.json").is_file() and (Path(inputs[0]) / "train").is_dir():
         prepared = Path(inputs[0])
         inputs = [str(prepared / "train")]
         copy_dirs = [prepared / s for s in ("val", "test") if (prepared / s).is_dir()]
-    units, _ = discover_units(inputs, cfg.format)
+    units, _ = discover_units(inputs, cfg.format, exclude=str(out_dir))  # an earlier output inside an input
     if not units:
         raise HainaError(f"no input files found in {', '.join(input)}")
     stats: Counter = Counter()
@@ -196,29 +203,24 @@ def augment_command(input: list[str], out: str, synonyms: str | None = None, met
                     continue
                 yield doc
 
-    writer = ShardedWriter(out_dir / "train", "jsonl", cfg.shard_docs)
-    try:
-        for doc in augment_documents(docs(), chosen, copies, {"delete": p_delete, "swap": p_swap,
-                                                              "synonym": p_synonym}, seed, table, stats):
-            writer.write(doc)
-        writer.close()
-    except BaseException:
-        writer.abort()
-        raise
-    # Shards of an earlier, larger run into the same directory would otherwise be read as part of this one.
-    for stale in (out_dir / "train").glob("part-*.jsonl.zst"):
-        if stale.name not in writer.shards:
-            stale.unlink()
-    for d in copy_dirs:
-        if (out_dir / d.name).exists():
-            shutil.rmtree(out_dir / d.name)
-        shutil.copytree(d, out_dir / d.name)
-    if stats["originals"] == 0:
-        raise HainaError(f"no documents to augment in {', '.join(input)}")
-    report = {"originals": stats["originals"], "augmented": sum(stats[m] for m in METHODS),
-              "by_method": {m: stats[m] for m in chosen}, "unchanged_skipped": stats["unchanged"],
-              "skipped_malformed_or_empty": stats["skipped_malformed_or_empty"], "written": writer.count,
-              "copied_unchanged": [d.name for d in copy_dirs], "seed": seed}
-    write_json(out_dir / "augment_report.json", report)
+    with output_dir(out_dir, COMMAND, inputs=input, overwrite=overwrite) as tmp:
+        writer = ShardedWriter(tmp / "train", "jsonl", cfg.shard_docs)
+        try:
+            for doc in augment_documents(docs(), chosen, copies, {"delete": p_delete, "swap": p_swap,
+                                                                  "synonym": p_synonym}, seed, table, stats):
+                writer.write(doc)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        if stats["originals"] == 0:
+            raise HainaError(f"no documents to augment in {', '.join(input)}")
+        for d in copy_dirs:
+            shutil.copytree(d, tmp / d.name)
+        report = {"originals": stats["originals"], "augmented": sum(stats[m] for m in METHODS),
+                  "by_method": {m: stats[m] for m in chosen}, "unchanged_skipped": stats["unchanged"],
+                  "skipped_malformed_or_empty": stats["skipped_malformed_or_empty"], "written": writer.count,
+                  "copied_unchanged": [d.name for d in copy_dirs], "seed": seed}
+        write_json(tmp / "augment_report.json", report)
     info(f"augment: {report['originals']:,} originals + {report['augmented']:,} augmented rows → {out_dir / 'train'}")
     return 0

@@ -16,7 +16,8 @@ def prepare(input: list[str], out: str, format: Format = "auto", text_field: str
             pii: bool = False, val_fraction: float = 0.05, test_fraction: float = 0.0, workers: int = 0,
             resume: bool = False, split_lines: bool = False, split_paragraphs: bool = False,
             config: str | None = None, code: bool = False,
-            output_format: Literal["jsonl", "parquet"] = "jsonl", overrides: list[str] = ()) -> int:
+            output_format: Literal["jsonl", "parquet"] = "jsonl", overwrite: bool = False,
+            overrides: list[str] = ()) -> int:
     """Clean, filter, deduplicate and split raw documents, with a report and every drop kept.
 
     Reads files, directories and globs (.txt, .jsonl/.json, .csv/.tsv, .parquet, Hugging Face
@@ -31,7 +32,8 @@ def prepare(input: list[str], out: str, format: Format = "auto", text_field: str
 
     Args:
         input: input files, directories (read recursively) and glob patterns.
-        out: output directory.
+        out: output directory; built beside it and swapped in at the end. An earlier `data prepare`
+            output there is replaced; anything else is refused unless --overwrite.
         format: input format; auto decides by file extension.
         text_field: the field or column holding the text.
         label_field: the field or column holding a label (used when present).
@@ -39,16 +41,20 @@ def prepare(input: list[str], out: str, format: Format = "auto", text_field: str
         dedup: comma list of dedup methods: exact, minhash, or none.
         minhash_threshold: Jaccard similarity above which two documents are near-duplicates.
         minhash_perm: MinHash permutations.
-        pii: replace e-mail addresses, phone numbers, IP addresses and card numbers with placeholders.
+        pii: replace e-mails, phones, IPs, payment cards, IBANs, US SSNs, PRC IDs and secrets with placeholders
+            (`<EMAIL>` …) before anything is written, rejects included.
         val_fraction: share of documents for validation.
         test_fraction: share of documents for test.
         workers: worker processes for reading and filtering (0 = all cores).
-        resume: continue an interrupted run, skipping input files already done.
+        resume: continue an interrupted run from its work kept in .OUT.haina-partial/ beside OUT,
+            skipping input files already done.
         split_lines: in .txt files, every line is a document.
         split_paragraphs: in .txt files, every blank-line-separated paragraph is a document.
         config: YAML file of settings and filter thresholds.
         code: the corpus is source code: turn off C4's curly-brace, javascript and per-line prose rules.
         output_format: shard format of train/val/test.
+        overwrite: replace an existing OUT that is not a `data prepare` output (never one that is, holds or
+            lies inside an input).
     """
     given = {"format": format, "text_field": text_field, "label_field": label_field, "filters": filters,
              "dedup": dedup, "minhash_threshold": minhash_threshold, "minhash_perm": minhash_perm, "pii": pii,
@@ -61,7 +67,7 @@ def prepare(input: list[str], out: str, format: Format = "auto", text_field: str
     data = merge(data, {k: v for k, v in given.items() if not config or v != defaults[k]})
     data = merge(data, parse_overrides(list(overrides)))
     cfg = from_dict(PrepareConfig, data)
-    report = prepare_documents(input, out, cfg, resume=resume)
+    report = prepare_documents(input, out, cfg, resume=resume, overwrite=overwrite)
     d = report["documents"]
     splits = ", ".join(f"{s} {v['documents']:,}" for s, v in report["splits"].items() if v["documents"])
     info(f"kept {d['kept']:,} of {d['in']:,} documents ({splits}); report: {out}/report.md")

@@ -142,8 +142,14 @@ class PrepareConfig:
             raise HainaError("shard_docs and batch_size must be positive")
 
     def fingerprint(self) -> str:
-        """A hash of every setting that changes the output (not `workers`), for --resume."""
-        d = to_dict(dataclasses.replace(self, workers=1))
+        """A hash of every setting that changes the output (not `workers`), and of haina's version, for --resume.
+
+        The version is in it because the filters and the PII scrubber change between releases: work done by another
+        version must be redone, not reused (it could hold text an older scrubber let through).
+        """
+        from haina import __version__
+
+        d = {**to_dict(dataclasses.replace(self, workers=1)), "haina_version": __version__}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -1,12 +1,15 @@
 """The prepare pipeline: per-unit stages in parallel, then global dedup, split and report.
 
+Nothing is written into OUT until the end: the working state lives in a directory beside it,
+`.OUT.haina-partial/` (STATE below), kept after a crash for `--resume`.
 Phase 1 (parallel, one task per input unit): read → normalize → filter → PII → hash. Each unit
 writes its surviving documents, their hashes and MinHash signatures, and its rejects under
-`OUT/_work/`, then a marker `OUT/_done/<unit>.json` holding its counts. `--resume` skips every unit
-with a marker whose config fingerprint matches.
+`STATE/_work/`, then a marker `STATE/_done/<unit>.json` holding its counts. `--resume` skips every
+unit with a marker whose config fingerprint matches.
 Phase 2 (sequential): deduplicate across all units in input order (first occurrence kept).
-Phase 3 (sequential, streaming): split by content hash and write `train/`, `val/`, `test/` and
-`rejects/`, staged under `_work/` and moved into place together, then the report.
+Phase 3 (sequential, streaming): split by content hash and write `train/`, `val/`, `test/`,
+`rejects/` and the report into `STATE/_work/out/`, which is then swapped in for OUT whole
+(`haina.core.output`): OUT may be replaced only if it is empty or an earlier `data prepare` output.
 Memory: one batch per worker in phase 1; in phase 2 the on-disk SQLite dedup index (64 MB page cache) and 8
 bytes per kept document for the exact split; phase 3 streams.
 """
@@ -28,17 +31,19 @@ import numpy as np
 from haina.core.errors import HainaError
 from haina.core.io import write_json
 from haina.core.log import info, progress
+from haina.core.output import check_output, partial_dir, publish
 from haina.data.prepare.config import PrepareConfig
 from haina.data.prepare.dedup import Deduplicator, MinHasher, dedup_key, exact_hash
 from haina.data.prepare.filters import is_no_space_script, make_filter_stage, words_of
 from haina.data.prepare.normalize import normalize_stage
-from haina.data.prepare.pii import pii_stage
+from haina.data.prepare.pii import pii_stage, scrub_record
 from haina.data.prepare.readers import Unit, discover_units, read_unit
 from haina.data.prepare.report import LengthHistogram, write_report
 from haina.data.prepare.split import SplitPlan, group_key
 from haina.data.prepare.writers import JsonlZstWriter, ShardedWriter, read_jsonl_zst
 
 SPLITS = ("train", "val", "test")
+COMMAND = "data prepare"  # the name in the manifest of every output (and working directory) this writes
 Stage = Callable[[list[dict], dict], tuple[list[dict], list[dict]]]
 
 
@@ -79,7 +84,8 @@ def unit_id(index: int) -> str:
 
 
 def process_unit(unit: Unit, uid: str, cfg: PrepareConfig, out: str, fingerprint: str) -> dict:
-    """Phase 1 for one unit; returns its stats (also written to OUT/_done/<uid>.json, last)."""
+    """Phase 1 for one unit in the working directory `out` (STATE); returns its stats (also written, last, to
+    STATE/_done/<uid>.json)."""
     work, done = Path(out) / "_work", Path(out) / "_done"
     stats: dict = {"unit": unit.name, "path": unit.path, "fingerprint": fingerprint, "documents_in": 0,
                    "dropped": {}, "passed": 0, "length_before": LengthHistogram().to_dict()}
@@ -91,6 +97,13 @@ def process_unit(unit: Unit, uid: str, cfg: PrepareConfig, out: str, fingerprint
     rej_w = JsonlZstWriter(work / f"{uid}.rejects.jsonl.zst")
     index_w = JsonlZstWriter(work / f"{uid}.index.jsonl.zst")
     hash_tmp, sig_tmp = work / f".{uid}.hash.u64.tmp", work / f".{uid}.sig.u32.tmp"
+    # With --pii nothing reaches disk unscrubbed: rejects left the stages before the PII stage saw them.
+    reject_pii = stats.setdefault("pii_rejects", {}) if cfg.pii else None
+
+    def write_reject(doc: dict) -> None:
+        rej_w.write(scrub_record(doc, reject_pii) if reject_pii is not None else doc)
+        dropped[doc["reason"]] += 1
+
     try:
         with open(hash_tmp, "wb") as hf, open(sig_tmp, "wb") as sf:
             for batch in _batches(read_unit(unit, cfg, stats), cfg.batch_size):
@@ -99,15 +112,13 @@ def process_unit(unit: Unit, uid: str, cfg: PrepareConfig, out: str, fingerprint
                 for doc in batch:
                     hist.add(doc_words(doc["text"]))
                     if "reason" in doc:  # a malformed record from the reader
-                        rej_w.write(doc)
-                        dropped[doc["reason"]] += 1
+                        write_reject(doc)
                     else:
                         live.append(doc)
                 for _name, stage in stages:
                     live, gone = stage(live, stats)
                     for doc in gone:
-                        rej_w.write(doc)
-                        dropped[doc["reason"]] += 1
+                        write_reject(doc)
                 hashes = np.empty(len(live), dtype=np.uint64)
                 sigs = np.empty((len(live), cfg.minhash_perm if hasher else 0), dtype=np.uint32)
                 for i, doc in enumerate(live):
@@ -279,62 +290,62 @@ def _write_outputs(units: list[Unit], cfg: PrepareConfig, out: Path, plan: Split
             "rejects_written": rejected}
 
 
-def _publish(out: Path) -> None:
-    """Move the staged outputs into place, replacing any from an earlier run."""
-    stage = out / "_work" / "out"
-    for name in (*SPLITS, "rejects"):
-        target = out / name
-        if target.exists():
-            shutil.rmtree(target)
-        if (stage / name).exists():
-            os.replace(stage / name, target)
-
-
 def prepare_documents(input_paths: list[str], out_dir: str | os.PathLike, config: PrepareConfig | None = None,
-                      resume: bool = False) -> dict:
+                      resume: bool = False, overwrite: bool = False) -> dict:
     """Run the whole pipeline and return the report (also written to OUT/report.json and report.md).
 
     Args:
         input_paths: files, directories and glob patterns.
-        out_dir: output directory (train/, val/, test/, rejects/, report.json, report.md, PNGs).
+        out_dir: output directory (train/, val/, test/, rejects/, report.json, report.md, PNGs); it is
+            replaced whole at the end, which is allowed only if it is empty or an earlier `data prepare` output.
         config: every setting; the defaults are the published filter thresholds.
         resume: skip input units completed by an interrupted run with the same config.
+        overwrite: replace an `out_dir` that is not a `data prepare` output (never one overlapping an input).
     """
     cfg = config or PrepareConfig()
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise HainaError(f"the output {out} is a file, not a directory; pass a directory to --out")
+    inputs = [str(p) for p in input_paths]
+    # Before anything is read or written: a refused --out must cost nothing and touch nothing.
+    check_output(out, COMMAND, inputs=inputs, overwrite=overwrite)
     start = time.perf_counter()
-    units, skipped = discover_units([str(p) for p in input_paths], cfg.format, exclude=str(out))
+    units, skipped = discover_units(inputs, cfg.format, exclude=str(out))
     if not units:
-        raise HainaError(f"no input files found in {', '.join(map(str, input_paths))}"
+        raise HainaError(f"no input files found in {', '.join(inputs)}"
                          + (f" ({len(skipped)} files of unknown format skipped; pass --format)" if skipped else ""))
     fingerprint = cfg.fingerprint()
-    if not resume:
-        for d in ("_work", "_done"):
-            if (out / d).exists():
-                shutil.rmtree(out / d)
-    (out / "_work").mkdir(parents=True, exist_ok=True)
-    for tmp in (out / "_work").glob(".*.tmp"):  # partial files of a unit that was running at the crash
+    state = partial_dir(out, COMMAND, keep=resume)
+    work = state / "_work"
+    work.mkdir(exist_ok=True)
+    for tmp in work.glob(".*.tmp"):  # partial files of a unit that was running at the crash
         tmp.unlink()
     info(f"prepare: {len(units)} input file(s) → {out}")
-    unit_stats = _run_phase1(units, cfg, out, fingerprint, resume)
+    try:
+        return _run(units, skipped, cfg, out, state, inputs, fingerprint, resume, overwrite, start)
+    except (Exception, KeyboardInterrupt):
+        if state.exists():
+            info(f"prepare: the work done so far is kept in {state}; run again with --resume to continue it")
+        raise
+
+
+def _run(units: list[Unit], skipped: list[str], cfg: PrepareConfig, out: Path, state: Path, inputs: list[str],
+         fingerprint: str, resume: bool, overwrite: bool, start: float) -> dict:
+    """Phases 1-3 in the working directory `state`, then the finished output swapped in for `out`."""
+    unit_stats = _run_phase1(units, cfg, state, fingerprint, resume)
     n_in = sum(s["documents_in"] for s in unit_stats)
     n_empty = sum(s["dropped"].get("empty", 0) for s in unit_stats)
     if n_in == n_empty:
-        shutil.rmtree(out / "_work", ignore_errors=True)
-        shutil.rmtree(out / "_done", ignore_errors=True)
+        shutil.rmtree(state, ignore_errors=True)
         what = "no documents" if n_in == 0 else f"only empty documents ({n_in:,})"
         raise HainaError(f"the input holds {what} in {len(units)} file(s); check the paths, --format and "
                          "--text-field")
     t1 = time.perf_counter()
-    plan, dedup_info = _dedup(units, cfg, out)
+    plan, dedup_info = _dedup(units, cfg, state)
     t2 = time.perf_counter()
-    written = _write_outputs(units, cfg, out, plan)
-    _publish(out)
+    written = _write_outputs(units, cfg, state, plan)
     timings = {"filter_s": round(t1 - start, 2), "dedup_s": round(t2 - t1, 2),
                "write_s": round(time.perf_counter() - t2, 2)}
-    report = write_report(out, cfg, units, skipped, unit_stats, dedup_info, written, timings)
-    shutil.rmtree(out / "_work", ignore_errors=True)
-    shutil.rmtree(out / "_done", ignore_errors=True)
+    staged = state / "_work" / "out"
+    report = write_report(staged, cfg, units, skipped, unit_stats, dedup_info, written, timings)
+    publish(staged, out, COMMAND, inputs=inputs, overwrite=overwrite)
+    shutil.rmtree(state, ignore_errors=True)
     return report

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from haina.core.errors import HainaError
 from haina.core.io import match_input
+from haina.core.output import MANIFEST
 from haina.data.prepare.config import PrepareConfig
 
 COMPRESSIONS = {".gz": "gzip", ".zst": "zstd", ".zstd": "zstd", ".bz2": "bz2", ".xz": "xz"}
@@ -91,7 +92,9 @@ def _walk(root: Path, d: Path, fmt: str, units: list[Unit], skipped: list[str], 
     # A DatasetDict saved to disk: dataset_dict.json names the splits, each a dataset directory.
     hf_dict = fmt in ("auto", "hf") and (d / "dataset_dict.json").is_file()
     for child in sorted(d.iterdir()):
-        if child.name.startswith("."):  # hidden files and directories are not corpus
+        # Hidden files and directories (haina's own working directories among them) and the manifest
+        # that marks a haina output are not corpus.
+        if child.name.startswith(".") or child.name == MANIFEST:
             continue
         if child.is_dir():
             if skip_dir is None or os.path.realpath(child) != skip_dir:
@@ -123,11 +126,51 @@ def open_binary(path: str) -> io.BufferedIOBase:
     if kind == "xz":
         return lzma.open(path, "rb")
     if kind == "zstd":
+        return io.BufferedReader(_ZstdFrames(path), 1 << 20)
+    return open(path, "rb")
+
+
+class _ZstdFrames(io.RawIOBase):
+    """A .zst file decompressed frame after frame, raising on a truncated last frame.
+
+    zstandard's own stream_reader returns a short read without an error when the file ends mid-frame,
+    which would silently lose the rest of a truncated file; here the end of the file inside a frame is
+    a `ZstdError`, which the reader turns into a counted reject.
+    """
+
+    def __init__(self, path: str) -> None:
         import zstandard
 
-        raw = open(path, "rb")  # noqa: SIM115 -- owned and closed by the returned reader
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True), 1 << 20)
-    return open(path, "rb")
+        self._zstd = zstandard
+        self._raw = open(path, "rb")  # noqa: SIM115 -- closed in close()
+        self._obj = None  # the decompressor of the frame in progress
+        self._pending = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        while not self._pending:
+            chunk = self._obj.unused_data if self._obj is not None and self._obj.eof else b""
+            if self._obj is None or self._obj.eof:
+                self._obj = None
+            if not chunk:
+                chunk = self._raw.read(1 << 20)
+                if not chunk:
+                    if self._obj is not None:
+                        raise self._zstd.ZstdError("truncated .zst file: it ends inside a frame")
+                    return 0
+            if self._obj is None:
+                self._obj = self._zstd.ZstdDecompressor().decompressobj()
+            self._pending = self._obj.decompress(chunk)
+        n = min(len(buf), len(self._pending))
+        buf[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
 
 
 def _strip_bom(raw: bytes, first: bool) -> bytes:
@@ -144,7 +187,11 @@ def _decode(raw: bytes, stats: dict) -> str:
 
 
 def _malformed(unit: Unit, line: int, raw: str, error: str) -> dict:
-    return {"id": f"{unit.name}:{line}", "text": raw[:MAX_REJECT_CHARS], "source": unit.path,
+    if len(raw) > MAX_REJECT_CHARS:
+        # Cut at whitespace, never inside a word: half an e-mail address or key would slip past the PII scrubber.
+        cut = max(raw.rfind(c, 0, MAX_REJECT_CHARS) for c in " \t\n\r")
+        raw = raw[:cut] if cut > 0 else ""
+    return {"id": f"{unit.name}:{line}", "text": raw, "source": unit.path,
             "reason": "malformed_record", "meta": {"file": unit.path, "line": line, "error": error}}
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from haina.core.config import to_dict
 from haina.core.io import atomic_path, write_json, write_text
 from haina.core.log import info
+from haina.data.prepare.pii import KINDS, PLACEHOLDERS
 
 # Length bins: 0, then 10 log-spaced bins per decade up to 10 million words.
 _EDGES = sorted({0, *(round(10 ** (k / 10)) for k in range(71))})
@@ -103,9 +104,11 @@ def write_report(out: Path, cfg, units, skipped, unit_stats: list[dict], dedup_i
     after: LengthHistogram = written["length_after"]
     c4_lines: Counter = Counter()
     pii: Counter = Counter()
+    pii_rejects: Counter = Counter()
     for s in unit_stats:
         c4_lines.update({k: v for k, v in s.items() if k.startswith("c4_lines_")})
         pii.update(s.get("pii", {}))
+        pii_rejects.update(s.get("pii_rejects", {}))
     filter_reasons = {k: v for k, v in dropped.items() if k.startswith(("gopher_", "repetition_", "c4_"))}
 
     labels: dict[str, Counter] = written["labels"]
@@ -139,7 +142,9 @@ def write_report(out: Path, cfg, units, skipped, unit_stats: list[dict], dedup_i
                      "skipped_files": skipped},
             "normalize": {"empty": dropped.get("empty", 0)},
             "filters": {"enabled": list(cfg.filters), "dropped": filter_reasons, "c4_lines_removed": dict(c4_lines)},
-            "pii": {"enabled": cfg.pii, "replaced": dict(pii)},
+            # replaced: in documents that passed the filters (kept or deduplicated); replaced_in_rejects: in records
+            # dropped before the PII stage (malformed, empty, filtered), scrubbed before they were written.
+            "pii": {"enabled": cfg.pii, "replaced": _by_kind(pii), "replaced_in_rejects": _by_kind(pii_rejects)},
             "dedup": {"enabled": list(cfg.dedup), "exact_duplicate": dropped.get("exact_duplicate", 0),
                       "near_duplicate": dropped.get("near_duplicate", 0), **dedup_info},
         },
@@ -163,6 +168,15 @@ def write_report(out: Path, cfg, units, skipped, unit_stats: list[dict], dedup_i
     return report
 
 
+def _by_kind(counts: Counter) -> dict[str, int]:
+    """Replacement counts in the scrubber's order of kinds."""
+    return {k: counts[k] for k in KINDS if counts.get(k)}
+
+
+def _kinds_text(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v:,}" for k, v in counts.items()) or "none"
+
+
 def render_markdown(r: dict) -> str:
     """The human-readable report."""
     d = r["documents"]
@@ -183,12 +197,22 @@ def render_markdown(r: dict) -> str:
               f"{sum(st['filters']['dropped'].values()):,} dropped; C4 lines removed: "
               + (", ".join(f"{k.removeprefix('c4_lines_')} {v:,}" for k, v in st["filters"]["c4_lines_removed"].items())
                  or "none"),
-              "- PII: " + (", ".join(f"{k} {v:,}" for k, v in st["pii"]["replaced"].items()) or "none found")
-              + ("" if st["pii"]["enabled"] else " (off; --pii turns it on)"),
+              "- PII replaced: " + _kinds_text(st["pii"]["replaced"]) + "; in rejected documents: "
+              + _kinds_text(st["pii"].get("replaced_in_rejects", {}))
+              if st["pii"]["enabled"] else "- PII: not scrubbed (--pii turns it on)",
               f"- dedup ({', '.join(st['dedup']['enabled']) or 'none'}): {st['dedup']['exact_duplicate']:,} exact, "
               f"{st['dedup']['near_duplicate']:,} near duplicates in {st['dedup']['clusters']:,} clusters"
               + (f" (LSH {st['dedup']['bands']} bands × {st['dedup']['rows']} rows)" if st["dedup"]["bands"] else ""),
-              "", "## Splits", "", "| split | documents | shards |", "|---|---:|---:|"]
+              ""]
+    pii = st["pii"]
+    if pii["enabled"]:
+        rejected = pii.get("replaced_in_rejects", {})
+        lines += ["## PII replaced", "", "| kind | placeholder | in documents | in rejected documents |",
+                  "|---|---|---:|---:|"]
+        lines += [f"| {k} | `{PLACEHOLDERS[k]}` | {pii['replaced'].get(k, 0):,} | {rejected.get(k, 0):,} |"
+                  for k in KINDS]
+        lines += ["", "Every record is scrubbed before it is written, rejects included.", ""]
+    lines += ["## Splits", "", "| split | documents | shards |", "|---|---:|---:|"]
     for s, v in r["splits"].items():
         lines.append(f"| {s} | {v['documents']:,} | {len(v['shards'])} |")
     lines += ["", "## Document length (words; characters in scripts without spaces)", "",

@@ -60,8 +60,8 @@ def test_augment_into_an_earlier_output_leaves_no_stale_shards(tmp_path):
     from haina.data.prepare.augment import augment_command
 
     (tmp_path / "in.jsonl").write_text('{"text": "a good movie to watch", "label": "pos"}\n')
+    augment_command([str(tmp_path / "in.jsonl")], str(tmp_path / "out"))
     stale = tmp_path / "out" / "train" / "part-00001.jsonl.zst"
-    stale.parent.mkdir(parents=True)
-    stale.write_bytes(b"")  # a shard of an earlier, larger run
+    stale.write_bytes(b"")  # a shard of an earlier, larger run (the directory is a `data augment` output)
     augment_command([str(tmp_path / "in.jsonl")], str(tmp_path / "out"))
     assert sorted(p.name for p in (tmp_path / "out" / "train").iterdir()) == ["part-00000.jsonl.zst"]

@@ -83,6 +83,7 @@ def test_prepare_end_to_end(tmp_path):
     assert (out / "lengths.png").stat().st_size > 1000 and (out / "classes.png").stat().st_size > 1000
     assert report["class_balance"] == {"neg": 10, "pos": 30}
     assert not (out / "_work").exists() and not (out / "_done").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out"]  # no working directory left beside
 
 
 def test_split_is_stable_across_runs_input_order_and_workers(tmp_path):
@@ -140,8 +141,9 @@ def test_crash_and_resume(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "process_unit", crashing)
     with pytest.raises(KeyboardInterrupt):
         prepare_documents(inputs, out, cfg)
-    assert sorted(p.name for p in (out / "_done").iterdir()) == ["00000.json", "00001.json"]
-    assert not (out / "train").exists() and not (out / "report.json").exists()  # nothing half-published
+    state = tmp_path / ".out.haina-partial"  # the work so far, kept beside --out, never inside it
+    assert sorted(p.name for p in (state / "_done").iterdir()) == ["00000.json", "00001.json"]
+    assert not out.exists()  # nothing half-published
 
     calls.clear()
     monkeypatch.setattr(pipeline, "process_unit", lambda unit, uid, *a: calls.append(uid) or real(unit, uid, *a))
