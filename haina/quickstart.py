@@ -15,14 +15,15 @@ from haina.core.config import merge, parse_overrides, to_dict
 from haina.core.errors import HainaError
 from haina.core.io import write_json
 from haina.core.log import info
+from haina.core.output import claim_output, output_dir, write_manifest
 
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "pretrain" / "quickstart.yaml"
 PROMPTS = ["The ", "Return a ", "This module "]
 RESERVE_SECONDS = 25.0  # kept back from the budget for the final evaluation, saving and sampling
+COMMAND = "quickstart"  # the name in the manifest of its run directories
 
 
 def quickstart(out: str = "runs/quickstart", max_minutes: float = 5.0, vocab_size: int = 4096,
-               seed: int = 1337, overrides: list[str] = ()) -> None:
+               seed: int = 1337, overwrite: bool = False, overrides: list[str] = ()) -> None:
     """The main job: corpus → prepare → tokenizer → shards → pretrain → evaluate → sample.
 
     Builds a corpus from the documentation inside this Python installation (pydoc topics and
@@ -33,10 +34,12 @@ def quickstart(out: str = "runs/quickstart", max_minutes: float = 5.0, vocab_siz
     `--model.key=value` overrides tune the pretraining recipe.
 
     Args:
-        out: run directory (corpus, prepared data, tokenizer, shards, checkpoints, reports).
+        out: run directory (corpus, prepared data, tokenizer, shards, checkpoints, reports); an earlier
+            quickstart run there is replaced, anything else needs --overwrite.
         max_minutes: wall-clock budget for the whole job, in minutes.
         vocab_size: BPE vocabulary size.
         seed: seed for the split-independent parts (tokenizer is deterministic; training and sampling use it).
+        overwrite: replace an existing OUT that is not a quickstart run.
     """
     from haina.data.prepare.command import PrepareConfig, prepare_documents
     from haina.data.stdlib_corpus import write_stdlib_corpus
@@ -44,13 +47,18 @@ def quickstart(out: str = "runs/quickstart", max_minutes: float = 5.0, vocab_siz
     from haina.data.tokenize import tokenize_to_shards
     from haina.tokenizer.train import train_bpe
     from haina.train.config import PretrainConfig
+    from haina.train.pretrain import find_recipe
     from haina.train.trainer import run_pretrain
 
     if max_minutes <= 0:
         raise HainaError("--max-minutes must be positive")
+    # A mistyped override is refused now, not after minutes of data preparation (and before --out is claimed).
+    PretrainConfig.from_dict(merge(to_dict(PretrainConfig.from_file(find_recipe("quickstart"))),
+                                   parse_overrides(list(overrides))))
     start = time.perf_counter()
-    run = Path(out)
-    run.mkdir(parents=True, exist_ok=True)
+    # The run grows in place (a training run's checkpoints are written as it goes): claimed first, with an earlier
+    # quickstart run there moved away; everything below is written into this fresh directory.
+    run = claim_output(out, COMMAND, overwrite=overwrite)
 
     info("[1/6] building the corpus from this Python installation's documentation")
     corpus_stats = write_stdlib_corpus(run / "corpus" / "stdlib.jsonl")
@@ -64,20 +72,23 @@ def quickstart(out: str = "runs/quickstart", max_minutes: float = 5.0, vocab_siz
 
     info(f"[3/6] training a byte-level BPE tokenizer (vocab {vocab_size})")
     tokenizer = train_bpe(iter_documents([str(run / "prepared" / "train")]), vocab_size=vocab_size)
-    tokenizer.save(run / "tokenizer")
+    with output_dir(run / "tokenizer", "tokenizer train", inputs=[run / "prepared"]) as tmp:
+        tokenizer.save(tmp)
 
     info("[4/6] tokenizing into train/val shards")
     splits = {s: iter_documents([str(run / "prepared" / s)]) for s in ("train", "val")}
-    meta = tokenize_to_shards(splits, tokenizer, run / "data")
+    with output_dir(run / "data", "data tokenize", inputs=[run / "prepared", run / "tokenizer"]) as tmp:
+        meta = tokenize_to_shards(splits, tokenizer, tmp, shown_as=run / "data")
     info(f"      train {meta['splits']['train']['tokens']:,} tokens, val {meta['splits']['val']['tokens']:,} tokens")
 
     spent = (time.perf_counter() - start) / 60
-    train_minutes = max_minutes - spent - RESERVE_SECONDS / 60
+    # A short budget (a smoke run) keeps back a quarter of itself, not a fixed 25 s it could not afford.
+    train_minutes = max_minutes - spent - min(RESERVE_SECONDS, 15 * max_minutes) / 60
     if train_minutes <= 0.05:
         raise HainaError(f"--max-minutes {max_minutes} leaves no time for training after data preparation "
                          f"({spent:.1f} min); give at least {spent + 1:.0f}")
     info(f"[5/6] pretraining for up to {train_minutes:.1f} minutes on CPU")
-    base = PretrainConfig.from_file(RECIPE)
+    base = PretrainConfig.from_file(find_recipe("quickstart"))  # package data once installed
     data = merge(to_dict(base), {"data": {"dir": str(run / "data"), "tokenizer": str(run / "tokenizer")},
                                  "out": str(run), "model": {"vocab_size": tokenizer.vocab_size},
                                  "train": {"max_minutes": train_minutes, "seed": seed}})
@@ -89,6 +100,7 @@ def quickstart(out: str = "runs/quickstart", max_minutes: float = 5.0, vocab_siz
     report = {**report, "quickstart": {"corpus": corpus_stats, "prepare": prep_report["documents"],
                                         "samples": samples, "total_wall_seconds": time.perf_counter() - start}}
     write_json(run / "report.json", report)
+    write_manifest(run, COMMAND, {"complete": True})  # last, as for every output: the run is whole
     _print_summary(run, report, samples)
 
 

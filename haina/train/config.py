@@ -72,6 +72,12 @@ class TrainConfig:
     keep_last: int = 2  # checkpoints kept besides the best
     tensorboard: bool = True
     resume: bool = False  # continue from RUN/checkpoints/index.json's latest
+    # bad steps (haina.train.guard): a step whose loss or gradient norm is not finite is skipped (no update) and
+    # listed in report.json. A rollback reloads the latest checkpoint and goes on past the data seen since then.
+    max_bad_steps: int = 5  # this many skipped steps in a row trigger a rollback
+    spike_factor: float = 3.0  # a loss above this multiple of the running mean (and 1 nat above it) rolls back; 0 = off
+    spike_window: int = 50  # steps in that running mean; spike detection starts once it is full
+    max_rollbacks: int = 3  # one more rollback than this ends the run with an error
 
     def __post_init__(self) -> None:
         positive = {"batch_size": self.batch_size, "grad_accum": self.grad_accum, "eval_every": self.eval_every,
@@ -87,6 +93,11 @@ class TrainConfig:
             raise HainaError(f"need 0 <= train.min_lr <= train.lr and lr > 0 (lr={self.lr}, min_lr={self.min_lr})")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise HainaError(f"train.max_minutes must be positive, got {self.max_minutes}")
+        if self.max_bad_steps < 1 or self.spike_window < 1 or self.max_rollbacks < 0:
+            raise HainaError("train.max_bad_steps and train.spike_window must be at least 1, train.max_rollbacks >= 0")
+        if self.spike_factor != 0 and self.spike_factor <= 1:
+            raise HainaError(f"train.spike_factor must be above 1 (or 0 to turn spike detection off), "
+                             f"got {self.spike_factor}")
         if not 0 < self.plateau_factor <= 1 or not 0 < self.gamma <= 1:
             raise HainaError("train.gamma and train.plateau_factor must be in (0, 1]")
 

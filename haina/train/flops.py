@@ -29,7 +29,12 @@ def flops_per_token(cfg: ModelConfig, n_params: int, seq_len: int) -> float:
 
 
 def mfu(tokens_per_sec: float, flops_per_tok: float, peak_flops: float) -> float:
-    """Fraction of the device's peak FLOP/s spent on the model's own arithmetic."""
+    """Fraction of the device's peak FLOP/s spent on the model's own arithmetic.
+
+    `peak_flops` comes from `haina.core.device.peak_flops`: a GPU's datasheet figure, or on a CPU its
+    theoretical fp32 vector peak (`cpu_peak`: cores × FMA lanes × FMA units × 2 × clock), not what a
+    BLAS library happens to reach, so that CPU and GPU MFU mean the same thing.
+    """
     return tokens_per_sec * flops_per_tok / peak_flops if peak_flops > 0 else 0.0
 
 

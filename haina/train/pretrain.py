@@ -2,24 +2,41 @@
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 
 from haina.core.config import load_yaml, merge, parse_overrides
 from haina.core.errors import HainaError
+from haina.core.output import claim_output, read_manifest
 from haina.train.config import PretrainConfig
 
-RECIPES = Path(__file__).resolve().parents[2] / "recipes" / "pretrain"
+COMMAND = "pretrain"  # the name in the manifest of its run directories
+# A run --resume may continue: the quickstart's directory holds a pretraining run too (checkpoints, index, config).
+RESUMABLE = (COMMAND, "quickstart")
 
 
-def find_recipe(config: str) -> Path:
-    """A recipe path as given, or a bundled recipe by name (`shakespeare-char`)."""
+def find_recipe(config: str, stage: str = "pretrain") -> Path:
+    """A recipe path as given, or a bundled recipe by name (`shakespeare-char`).
+
+    A file that exists always wins. Bundled recipes are package data (`haina/recipes/<stage>`) when haina is
+    installed from a wheel or with `pip install .`; in a source checkout they are `recipes/<stage>` beside the
+    package, where STYLE keeps them and where an editable install or PYTHONPATH finds them.
+    """
     path = Path(config)
     if path.is_file():
         return path
-    for candidate in (RECIPES / config, RECIPES / f"{config}.yaml"):
+    checkout = Path(__file__).resolve().parents[2]
+    bundled = [Path(str(resources.files("haina") / "recipes" / stage))]  # haina installs as files, never zipped
+    if (checkout / "pyproject.toml").is_file():  # not a site-packages/recipes that some other package left
+        bundled.append(checkout / "recipes" / stage)
+    recipes = next((d for d in bundled if d.is_dir()), None)
+    if recipes is None:
+        raise HainaError(f"config file not found: {config} (and no bundled recipes: this haina is installed "
+                         f"without its package data)")
+    for candidate in (recipes / config, recipes / f"{config}.yaml"):
         if candidate.is_file():
             return candidate
-    names = sorted(p.stem for p in RECIPES.glob("*.yaml")) if RECIPES.is_dir() else []
+    names = sorted(p.stem for p in recipes.glob("*.yaml"))
     hint = f"; bundled recipes: {', '.join(names)}" if names else ""
     raise HainaError(f"config file not found: {config}{hint}")
 
@@ -43,31 +60,63 @@ def load_pretrain_config(config: str, data: str | None = None, out: str | None =
     return cfg.resolved()
 
 
+def claim_run(cfg: PretrainConfig, *, overwrite: bool = False) -> Path:
+    """Check `cfg.out` for this run, as the rules of `haina.core.output` say, and make it the run directory.
+
+    An empty or missing directory is created. An existing one is continued with train.resume (only if
+    its manifest says a pretraining run made it), replaced with `overwrite` (only if it is not, does not
+    contain, and does not lie inside the data or the tokenizer), and otherwise refused in one line.
+    """
+    out = Path(cfg.out or "runs/pretrain")
+    inputs = [cfg.data.dir] + ([cfg.data.tokenizer] if cfg.data.tokenizer else [])
+    resume = cfg.train.resume
+    if resume and overwrite:
+        raise HainaError("--resume continues a run and --overwrite starts it over; pass one of them, not both")
+    if out.is_dir() and any(out.iterdir()):
+        manifest = read_manifest(out)
+        ours = manifest is not None and manifest["command"] == COMMAND
+        if resume:
+            if manifest is None or manifest["command"] not in RESUMABLE:
+                what = f"the output of 'haina {manifest['command']}'" if manifest else "not a haina run"
+                raise HainaError(f"cannot --resume {out}: it is {what}, and --resume continues only a run that "
+                                 "'haina pretrain' made; choose that run's directory as --out")
+            return out  # continued in place: nothing in it is replaced
+        if ours and not overwrite:
+            raise HainaError(f"--out {out} already holds a pretraining run; pass --resume to continue it or "
+                             "--overwrite to start over (deleting its checkpoints), or choose another --out")
+    return claim_output(out, COMMAND, inputs=inputs, overwrite=overwrite, extra={"data": str(cfg.data.dir)})
+
+
 def pretrain(config: str, data: str | None = None, out: str | None = None, resume: bool = False,
-             overrides: list[str] = ()) -> None:
+             overwrite: bool = False, overrides: list[str] = ()) -> None:
     """Pretrain a Transformer from a YAML recipe, with dotted overrides.
 
     Reads the recipe (model, data, train, out), applies --data, --out, --resume and any
     `--section.key=value` overrides (e.g. --train.lr=3e-4 --model.n_layer=2), writes the resolved
     config to RUN/config.yaml, and trains. The run directory receives metrics.jsonl, tb/
     (TensorBoard), checkpoints/ (with index.json naming the latest and the best), report.json and
-    loss.png.
+    loss.png. SIGTERM or Ctrl-C stops at the next step with a checkpoint (exit status 0); --resume
+    then continues exactly where it stopped.
 
     Args:
         config: recipe YAML file, or the name of a bundled recipe (shakespeare-char, gpt2-124m, quickstart).
         data: token-shard directory (overrides data.dir).
         out: run directory (overrides out; default runs/<recipe name>).
-        resume: continue from the run's latest checkpoint.
+        resume: continue the pretraining run in --out from its latest checkpoint.
+        overwrite: start over in an existing --out (a previous run, or any directory that is not an input).
     """
     from haina.train.trainer import run_pretrain
 
     cfg = load_pretrain_config(config, data=data, out=out, resume=resume, overrides=overrides)
-    report = run_pretrain(cfg)
+    report = run_pretrain(cfg, claim=True, overwrite=overwrite)
     val = report.get("val_loss")
     val_text = f"val loss {val:.4f} (perplexity {report['val_ppl']:.2f}), " if val is not None else ""
     print(f"{report['steps']} steps, {report['train_tokens']:,} tokens, {val_text}"
           f"{report['tokens_per_sec']:,.0f} tokens/s, stopped by {report['stopped_because']}")
+    if report["skipped_steps"] or report["rollbacks"]:
+        print(f"skipped {len(report['skipped_steps'])} steps with a non-finite loss or gradient, rolled back "
+              f"{len(report['rollbacks'])} times (see report.json)")
     print(f"run: {cfg.out}   checkpoint: {report.get('best_checkpoint')}")
 
 
-__all__ = ["find_recipe", "load_pretrain_config", "pretrain"]
+__all__ = ["claim_run", "find_recipe", "load_pretrain_config", "pretrain"]

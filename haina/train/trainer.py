@@ -10,6 +10,11 @@ pretraining, SFT, LoRA and distillation lives in small methods a subclass overri
     trainable_parameters()        (name, parameter) pairs the optimizer updates
     eval_batches() / eval_step()  validation data and the per-batch (loss sum, count)
 
+These are also the seams for fault injection in tests: a subclass whose `compute_loss` returns NaN
+at chosen steps (`self.step` is the number of steps completed) exercises the bad-step guard, one whose
+`train_step` sends a signal exercises the stop at a step boundary. Bad steps, rollbacks and stop signals are handled by
+`haina.train.guard`; the loop only asks it.
+
 `run_pretrain` wires a `PretrainConfig` to token shards, a fresh Transformer and a `Trainer`.
 """
 
@@ -17,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,11 +37,13 @@ from haina.core.io import write_json, write_yaml
 from haina.core.log import info, progress
 from haina.core.seed import seed_everything
 from haina.data.shards import TokenShards, check_tokenizer, find_tokenizer, read_meta
+from haina.model.checkpoint import read_weights
 from haina.model.transformer import Transformer, lm_loss
 from haina.tokenizer import Tokenizer
 from haina.train import checkpoint as ckpt
 from haina.train.config import PretrainConfig, TrainConfig
 from haina.train.flops import flops_per_token, matmul_params, mfu
+from haina.train.guard import StepGuard, StopSignals
 from haina.train.optim import build_adamw
 from haina.train.report import RunLog, plot_losses
 from haina.train.schedule import LRSchedule
@@ -98,6 +104,9 @@ class Trainer:
         self.bad_evals = 0  # scheduled evaluations since the best one, for early stopping
         self.initial_val_loss: float | None = None
         self.train_seconds = 0.0
+        self.guard = StepGuard.from_config(cfg)
+        self.settled_steps: int | None = None  # max_steps as train.fit_to_budget settled it, kept for a resume
+        self.can_roll_back = False  # whether this run has a checkpoint on disk (saved or resumed from)
         self.flops_per_token = flops_per_token(model.cfg, matmul_params(model), cfg.block_size)
         self._peak: float | None = None
 
@@ -133,8 +142,12 @@ class Trainer:
         n = int((batch[1] != -100).sum())
         return float(loss) * n, n
 
-    def train_step(self, lr: float) -> dict[str, torch.Tensor | None]:
-        """One optimizer step over `grad_accum` micro-batches; returns the mean loss and grad norm (tensors)."""
+    def train_step(self, lr: float) -> dict[str, Any]:
+        """One optimizer step over `grad_accum` micro-batches, applied only if the guard finds it sound.
+
+        Returns the mean loss and the gradient norm before clipping (floats) and the guard's verdict:
+        "ok" (applied), "skip" (not finite: gradients dropped) or "rollback" (the loop rolls back).
+        """
         cfg = self.cfg
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -149,14 +162,29 @@ class Trainer:
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
         if self.scaler:
             self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip) if cfg.grad_clip > 0 else None
-        if self.scaler:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+        norm = self.clip_gradients()
+        # The one host sync per step: whether to apply this update must be known before it is applied.
+        loss_value, grad_norm = torch.stack([total / cfg.grad_accum, norm.to(total)]).tolist()
+        if self.scaler is not None and math.isfinite(loss_value) and not math.isfinite(grad_norm):
+            verdict = "ok"  # an fp16 overflow: the scaler skips this update itself and lowers its scale
         else:
-            self.optimizer.step()
+            verdict = self.guard.judge(self.step + 1, loss_value, grad_norm, can_roll_back=self.can_roll_back)
+        if verdict == "ok":
+            if self.scaler:
+                self.scaler.step(self.optimizer)
+            else:
+                self.optimizer.step()
+        if self.scaler:
+            self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": total / cfg.grad_accum, "grad_norm": grad_norm}
+        return {"loss": loss_value, "grad_norm": grad_norm, "verdict": verdict}
+
+    def clip_gradients(self) -> torch.Tensor:
+        """Clip the gradients to train.grad_clip (0: leave them); returns their global norm before clipping."""
+        if self.cfg.grad_clip > 0:
+            return torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+        grads = [p.grad for p in self.params if p.grad is not None]
+        return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
 
     # ----------------------------------------------------------------- evaluation
     @torch.no_grad()
@@ -183,6 +211,7 @@ class Trainer:
             "initial_val_loss": self.initial_val_loss, "train_seconds": self.train_seconds,
             "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
             "rng": ckpt.capture_rng(), "data_generator": self.generator.get_state(),
+            "guard": self.guard.state_dict(), "settled_steps": self.settled_steps,
         }
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
@@ -201,6 +230,9 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         ckpt.restore_rng(state["rng"])
         self.generator.set_state(state["data_generator"].cpu())
+        if "guard" in state:  # checkpoints written before the guard existed have none
+            self.guard.load_state_dict(state["guard"])
+        self.settled_steps = state.get("settled_steps")
 
     def resume(self) -> bool:
         """Load the run's latest checkpoint (weights and state); False if there is none."""
@@ -208,27 +240,63 @@ class Trainer:
         if path is None:
             info(f"no checkpoint to resume in {self.run_dir}; starting a new run")
             return False
+        self._load_checkpoint(path)
+        self.can_roll_back = True
+        info(f"resumed from {path} (step {self.step}, {self.tokens_seen:,} tokens)")
+        return True
+
+    def _load_checkpoint(self, path: Path) -> None:
         saved = load_yaml(path / "config.yaml").get("model", {})
         current = self.model.cfg.to_dict()
         diff = [f"{k}: {saved.get(k)!r} → {v!r}" for k, v in current.items() if saved.get(k) != v]
         if diff:
             raise HainaError(f"cannot resume: {path} was trained with another architecture ({'; '.join(diff[:3])}); "
                              "use the run's model config or start a new run in another --out")
-        from safetensors.torch import load_file
-
-        self.model.load_weights({k: v.to(self.device) for k, v in load_file(str(path / "model.safetensors")).items()})
+        self.model.load_weights({k: v.to(self.device) for k, v in read_weights(path / "model.safetensors").items()})
         self.load_state_dict(ckpt.load_state(path))
-        info(f"resumed from {path} (step {self.step}, {self.tokens_seen:,} tokens)")
-        return True
+
+    def roll_back(self, log: RunLog, say) -> None:
+        """Back to the latest checkpoint after the guard's "rollback", past the data seen since it.
+
+        Weights, optimizer, schedule and counters come from the checkpoint; the data position, the
+        guard's record and the training time stay as they are, so the window of data between the
+        checkpoint and the bad step is skipped rather than replayed.
+        """
+        bad_step = self.step + 1
+        path = ckpt.latest_checkpoint(self.run_dir)
+        self.guard.rolled_back(bad_step, None if path is None else int(path.name.removeprefix("step-")))  # or raises
+        keep = self.generator.get_state(), self.guard.state_dict(), self.train_seconds, self.settled_steps
+        self._load_checkpoint(path)
+        self.generator.set_state(keep[0])
+        self.guard.load_state_dict(keep[1])
+        self.train_seconds, self.settled_steps = keep[2], keep[3]
+        record = self.guard.rollbacks[-1]
+        log.log({"step": self.step, "rollback_from": bad_step, "reason": record["reason"]}, "rollback")
+        say(f"step {bad_step}: {record['reason']}; rolled back to {path.name} and skipped the "
+            f"{record['skipped_data_steps']} steps of data since")
 
     def save(self, val_loss: float | None) -> Path:
-        return ckpt.save_checkpoint(self.run_dir, step=self.step, model=self.model, tokenizer=self.tokenizer,
-                                    config=self.config, state=self.state_dict(), val_loss=val_loss,
-                                    keep_last=self.cfg.keep_last)
+        """Write a checkpoint of this step; a failed write (a full disk) stops the run with one line."""
+        try:
+            path = ckpt.save_checkpoint(self.run_dir, step=self.step, model=self.model, tokenizer=self.tokenizer,
+                                        config=self.config, state=self.state_dict(), val_loss=val_loss,
+                                        keep_last=self.cfg.keep_last)
+            self.can_roll_back = True
+            return path
+        except OSError as e:
+            latest = (ckpt.read_index(self.run_dir) or {}).get("latest")
+            kept = f"{latest} is still the latest checkpoint, intact" if latest else "there is no earlier checkpoint"
+            raise HainaError(f"could not write checkpoint {ckpt.step_name(self.step)} in "
+                             f"{ckpt.checkpoints_dir(self.run_dir)} ({e.strerror or e}); training stopped at step "
+                             f"{self.step} and {kept}; make room and continue with --resume") from None
 
     # ----------------------------------------------------------------- the loop
     def fit(self) -> dict[str, Any]:
-        """Train until max_steps, max_minutes or early stopping; evaluate, save, report. Returns the report."""
+        """Train until max_steps, max_minutes, early stopping or a stop signal; evaluate, save, report.
+
+        SIGTERM or SIGINT stops the run at the next step boundary with a checkpoint (no evaluation, so
+        the save is quick) and returns normally; `resume` then continues bit-exactly. Returns the report.
+        """
         cfg = self.cfg
         wall_start = time.perf_counter()
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -251,69 +319,104 @@ class Trainer:
             t0 = time.perf_counter()
             last_eval = (0, self._scheduled_eval(log, say))
             eval_seconds = time.perf_counter() - t0
-        max_steps = cfg.max_steps
-        fit_at = self.step + max(cfg.warmup_steps, 10) if cfg.fit_to_budget and cfg.max_minutes else None
+        max_steps, fit_at = cfg.max_steps, None
+        if cfg.fit_to_budget and cfg.max_minutes:
+            if self.settled_steps is not None:  # a resumed budget run: the horizon it settled on, not a new fit
+                max_steps = min(max_steps, self.settled_steps)
+                bar.total = max_steps
+            else:
+                fit_at = self.step + max(cfg.warmup_steps, 10)
+        if max_steps < cfg.max_steps:
+            stopped = "max_minutes"  # the budget, not max_steps, ends the run
         _ = self.peak_flops  # measured now (on CPU) rather than inside the first timed interval
         loop_start, loop_step = time.perf_counter(), self.step
         mark_time, mark_tokens = time.perf_counter(), self.tokens_seen
-        loss_sum, loss_steps = torch.zeros((), device=self.device), 0
+        loss_sum, loss_steps, skipped = 0.0, 0, 0
         try:
-            while self.step < max_steps:
-                lr = self.schedule(self.step)
-                out = self.train_step(lr)
-                self.step += 1
-                self.tokens_seen += cfg.tokens_per_step
-                loss_sum += out["loss"]
-                loss_steps += 1
-                if self.step == fit_at:
-                    max_steps = self._fit_to_budget(max_steps, wall_start, loop_start, loop_step, eval_seconds, say)
-                    bar.total = max_steps
-                    if max_steps < cfg.max_steps:
-                        stopped = "max_minutes"  # the budget, not max_steps, now ends the run
-                if self.step % cfg.log_every == 0 or self.step == max_steps:
-                    loss = float(loss_sum) / loss_steps  # the only host sync in the steady state
-                    if not math.isfinite(loss):
-                        raise HainaError(f"training loss became {loss} at step {self.step}; lower train.lr, set "
-                                         "train.grad_clip, or use train.precision=fp32")
-                    now = time.perf_counter()
-                    self.train_seconds += now - mark_time
-                    tps = (self.tokens_seen - mark_tokens) / max(now - mark_time, 1e-9)
-                    rec = {"step": self.step, "loss": loss, "lr": lr, "tokens": self.tokens_seen,
-                           "tokens_per_sec": tps, "mfu": mfu(tps, self.flops_per_token, self.peak_flops),
-                           "grad_norm": None if out["grad_norm"] is None else float(out["grad_norm"])}
-                    log.log(rec, "train")
-                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", refresh=False)
-                    if bar.disable:
-                        info(f"step {self.step}/{max_steps}: loss {loss:.4f}, lr {lr:.2e}, {tps:,.0f} tok/s, "
-                             f"mfu {rec['mfu']:.1%}")
-                    loss_sum, loss_steps = torch.zeros((), device=self.device), 0
-                    mark_time, mark_tokens = time.perf_counter(), self.tokens_seen
-                bar.update(1)
-                if self.val_data is not None and self.step % cfg.eval_every == 0:
-                    mark_time = self._pause(mark_time)
-                    last_eval = (self.step, self._scheduled_eval(log, say))
-                    mark_time = time.perf_counter()
-                    if 0 < cfg.early_stopping_patience <= self.bad_evals:
-                        stopped = "early_stopping"
-                        say(f"early stopping: no improvement in {self.bad_evals} evaluations")
+            with StopSignals() as stop:
+                while self.step < max_steps:
+                    lr = self.schedule(self.step)
+                    out = self.train_step(lr)
+                    if out["verdict"] == "rollback":
+                        mark_time = self._pause(mark_time)
+                        self.roll_back(log, say)
+                        bar.n, last_eval = self.step, None
+                        mark_time, mark_tokens = time.perf_counter(), self.tokens_seen
+                        continue
+                    self.step += 1
+                    self.tokens_seen += cfg.tokens_per_step
+                    if out["verdict"] == "ok":
+                        loss_sum, loss_steps = loss_sum + out["loss"], loss_steps + 1
+                    else:
+                        skipped += 1
+                        say(f"step {self.step}: skipped (loss {out['loss']}, gradient norm {out['grad_norm']})")
+                    if fit_at is not None and self.step >= fit_at:
+                        max_steps = self._fit_to_budget(max_steps, wall_start, loop_start, loop_step, eval_seconds,
+                                                        say)
+                        self.settled_steps, fit_at, bar.total = max_steps, None, max_steps
+                        if max_steps < cfg.max_steps:
+                            stopped = "max_minutes"
+                    if self.step % cfg.log_every == 0 or self.step == max_steps:
+                        self._log_train(log, bar, say, lr, out, loss_sum, loss_steps, skipped, mark_time, mark_tokens,
+                                        max_steps)
+                        loss_sum, loss_steps, skipped = 0.0, 0, 0
+                        mark_time, mark_tokens = time.perf_counter(), self.tokens_seen
+                    bar.update(1)
+                    if self.val_data is not None and self.step % cfg.eval_every == 0:
+                        mark_time = self._pause(mark_time)
+                        last_eval = (self.step, self._scheduled_eval(log, say))
+                        mark_time = time.perf_counter()
+                        if 0 < cfg.early_stopping_patience <= self.bad_evals:
+                            stopped = "early_stopping"
+                            say(f"early stopping: no improvement in {self.bad_evals} evaluations")
+                            break
+                    if cfg.max_minutes is not None and time.perf_counter() - wall_start >= cfg.max_minutes * 60:
+                        stopped = "max_minutes"
+                        say(f"time budget of {cfg.max_minutes:g} minutes reached at step {self.step}")
                         break
-                if cfg.max_minutes is not None and time.perf_counter() - wall_start >= cfg.max_minutes * 60:
-                    stopped = "max_minutes"
-                    say(f"time budget of {cfg.max_minutes:g} minutes reached at step {self.step}")
-                    break
-                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < max_steps:
-                    mark_time = self._pause(mark_time)
-                    self.save(self._val_loss_now(last_eval, log))
-                    last_save = self.step
-                    mark_time = time.perf_counter()
-            self._pause(mark_time)
-            final_val = self._val_loss_now(last_eval, log)
-            if last_save != self.step:
-                self.save(final_val)
+                    if stop.received:
+                        stopped = stop.received
+                        break
+                    # Not in the middle of a streak of bad steps: that checkpoint would become the rollback target.
+                    if (cfg.save_every and self.step % cfg.save_every == 0 and self.step < max_steps
+                            and not self.guard.bad_in_row):
+                        mark_time = self._pause(mark_time)
+                        self.save(self._val_loss_now(last_eval, log))
+                        last_save = self.step
+                        mark_time = time.perf_counter()
+                self._pause(mark_time)
+                interrupted = stop.received is not None and stopped == stop.received  # not just after the last step
+                if interrupted:  # save at once: a scheduler that sent SIGTERM will not wait long
+                    final_val = last_eval[1] if last_eval is not None and last_eval[0] == self.step else None
+                else:
+                    final_val = self._val_loss_now(last_eval, log)
+                if last_save != self.step:
+                    self.save(final_val)
+                if interrupted:
+                    say(f"{stop.received} received: stopped at step {self.step} with a checkpoint; "
+                        "continue with --resume")
         finally:
             bar.close()
             log.close()
-        return self._finish(log, final_val, stopped, wall_start, start_step, start_tokens, start_seconds)
+        return self._finish(log, final_val, stopped, wall_start, start_step, start_tokens, start_seconds, max_steps)
+
+    def _log_train(self, log: RunLog, bar, say, lr: float, out: dict[str, Any], loss_sum: float, loss_steps: int,
+                   skipped: int, mark_time: float, mark_tokens: int, max_steps: int) -> None:
+        """One train record: the mean loss of the applied steps since the last one, throughput, MFU."""
+        loss = loss_sum / loss_steps if loss_steps else None
+        now = time.perf_counter()
+        self.train_seconds += now - mark_time
+        tps = (self.tokens_seen - mark_tokens) / max(now - mark_time, 1e-9)
+        rec = {"step": self.step, "loss": loss, "lr": lr, "tokens": self.tokens_seen, "tokens_per_sec": tps,
+               "mfu": mfu(tps, self.flops_per_token, self.peak_flops),
+               "grad_norm": out["grad_norm"] if math.isfinite(out["grad_norm"]) else None}
+        if skipped:
+            rec["skipped"] = skipped
+        log.log(rec, "train")
+        loss_text = "-" if loss is None else f"{loss:.4f}"
+        bar.set_postfix(loss=loss_text, lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", refresh=False)
+        if bar.disable:
+            info(f"step {self.step}/{max_steps}: loss {loss_text}, lr {lr:.2e}, {tps:,.0f} tok/s, mfu {rec['mfu']:.1%}")
 
     # ----------------------------------------------------------------- helpers
     def _fit_to_budget(self, max_steps: int, wall_start: float, loop_start: float, loop_step: int,
@@ -389,15 +492,26 @@ class Trainer:
         return val
 
     def _clear_previous_run(self) -> None:
-        old = [self.run_dir / n for n in ("checkpoints", "metrics.jsonl", "tb", "report.json", "loss.png")]
-        old = [p for p in old if p.exists()]
-        if old:
-            info(f"{self.run_dir} holds a previous run; starting afresh (pass --resume to continue it instead)")
-        for p in old:
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        """Starting afresh: remove what an earlier run left here, by name, and nothing else.
+
+        The command that owns the run directory has checked and claimed it (`haina.core.output`);
+        this only keeps a previous run's checkpoints, metrics and plots from passing for this run's.
+        """
+        removed = ckpt.remove_checkpoints(self.run_dir)
+        for name in ("metrics.jsonl", "report.json", "loss.png"):
+            if (self.run_dir / name).is_file():
+                (self.run_dir / name).unlink()
+                removed.append(name)
+        tb = self.run_dir / "tb"
+        for events in tb.glob("events.out.tfevents.*") if tb.is_dir() else ():
+            events.unlink()
+            removed.append(f"tb/{events.name}")
+        if removed:
+            info(f"{self.run_dir} held a previous run; starting afresh (its {len(removed)} checkpoints and logs "
+                 "are removed)")
 
     def _finish(self, log: RunLog, final_val: float | None, stopped: str, wall_start: float, start_step: int,
-                start_tokens: int, start_seconds: float) -> dict[str, Any]:
+                start_tokens: int, start_seconds: float, max_steps: int) -> dict[str, Any]:
         # This run's tokens over this run's time: train_seconds also holds a resumed run's earlier time.
         tokens_this_run = self.tokens_seen - start_tokens
         seconds_this_run = self.train_seconds - start_seconds
@@ -411,7 +525,8 @@ class Trainer:
             "tokens_per_sec": tps, "mfu": mfu(tps, self.flops_per_token, self.peak_flops) if tps else 0.0,
             "wall_seconds": time.perf_counter() - wall_start, "train_seconds": self.train_seconds,
             "params": self.model.num_params(), "vocab_size": self.model.cfg.vocab_size,
-            "stopped_because": stopped, "steps_this_run": self.step - start_step, "device": str(self.device),
+            "stopped_because": stopped, "steps_this_run": self.step - start_step, "max_steps": max_steps,
+            "skipped_steps": self.guard.skipped, "rollbacks": self.guard.rollbacks, "device": str(self.device),
             "precision": self.cfg.precision, "flops_per_token": self.flops_per_token,
             "tokens_per_step": self.cfg.tokens_per_step, "run_dir": str(self.run_dir),
             "checkpoint": str(ckpt.checkpoints_dir(self.run_dir) / index["latest"]) if index.get("latest") else None,
@@ -425,12 +540,16 @@ class Trainer:
 
 
 # --------------------------------------------------------------------------- pretraining
-def run_pretrain(cfg: PretrainConfig, tokenizer: Tokenizer | None = None) -> dict[str, Any]:
+def run_pretrain(cfg: PretrainConfig, tokenizer: Tokenizer | None = None, *, claim: bool = False,
+                 overwrite: bool = False) -> dict[str, Any]:
     """Pretrain a fresh Transformer on the token shards named by `cfg`; returns the run report.
 
     Args:
         cfg: the full pretraining config (model, data, train, out).
         tokenizer: the shards' tokenizer if the caller has it; else found via data.tokenizer or beside the shards.
+        claim: check and claim `cfg.out` as `haina pretrain` does (`claim_run`), once the inputs are found
+            sound; a caller that owns the directory already (the quickstart) leaves it False.
+        overwrite: with `claim`, start over in an existing directory.
     """
     cfg = cfg.resolved()
     out = Path(cfg.out or "runs/pretrain")
@@ -454,6 +573,10 @@ def run_pretrain(cfg: PretrainConfig, tokenizer: Tokenizer | None = None) -> dic
         val.check_length(block)
     else:
         info(f"{cfg.data.dir} has no validation split; training without evaluation")
+    if claim:
+        from haina.train.pretrain import claim_run  # pretrain.py imports this module when it runs
+
+        claim_run(cfg, overwrite=overwrite)
     seed_everything(cfg.train.seed)  # before building the model: its initialization is part of the run
     model = Transformer(cfg.model)
     config = {**cfg.to_dict(), "out": str(out)}
