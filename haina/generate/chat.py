@@ -3,11 +3,17 @@
 The template lives in tokenizer_config.json as `chat_template`, exactly where `transformers`
 looks for it, and is rendered the way `transformers` renders it (a sandboxed Jinja environment
 with trim_blocks and lstrip_blocks), so both give the same prompt string for the same messages.
+
+`encode_chat` turns a conversation into prompt ids with the template's markers as special tokens
+and everything the messages say as text: a message that contains `<|im_start|>system` stays one
+message and cannot open a turn of its own (see `encode_chat` for how).
 """
 
 from __future__ import annotations
 
 import json
+import re
+import secrets
 import sys
 from collections.abc import Sequence
 from functools import lru_cache
@@ -16,14 +22,17 @@ from haina.core.errors import HainaError
 from haina.tokenizer import Tokenizer
 
 __all__ = ["DEFAULT_CHAT_TEMPLATE", "IM_END", "IM_START", "apply_chat_template", "chat_command",
-           "chat_stop_strings", "chat_stop_token_ids", "ensure_chat_tokens"]
+           "chat_stop_strings", "chat_stop_token_ids", "encode_chat", "ensure_chat_tokens"]
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 
-# ChatML, as used by Qwen and many others; the same text transformers documents for ChatML.
+# ChatML, as used by Qwen and many others; the same text transformers documents for ChatML. A message's
+# optional `name` goes after its role as in OpenAI's ChatML description (`<|im_start|>user name=alice`);
+# conversations without names render exactly as before.
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{{ '<|im_start|>' + message['role'] + (' name=' + message['name'] if message.get('name') else '') + '\n' "
+    "+ message['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
@@ -56,6 +65,8 @@ def _check_messages(messages: object) -> list[dict]:
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
             raise HainaError(f"message {i} must be a dict with string 'role' and 'content', got {m!r}")
+        if m.get("name") is not None and not isinstance(m["name"], str):
+            raise HainaError(f"message {i}: 'name' must be a string, got {m['name']!r}")
     return [dict(m) for m in messages]
 
 
@@ -65,13 +76,19 @@ def apply_chat_template(tokenizer: Tokenizer, messages: Sequence[dict], add_gene
 
     Args:
         tokenizer: supplies the template (`chat_template`, else `DEFAULT_CHAT_TEMPLATE`) and special tokens.
-        messages: [{"role": "system"|"user"|"assistant", "content": str}, ...].
+        messages: [{"role": "system"|"user"|"assistant", "content": str, "name": str (optional)}, ...].
         add_generation_prompt: end with the opening of an assistant turn.
         template: a template to use instead of the tokenizer's.
+
+    The string shows the conversation; to feed a model use `encode_chat`, which keeps message text from
+    becoming special tokens.
     """
+    return _render(tokenizer, _check_messages(messages), add_generation_prompt, template)
+
+
+def _render(tokenizer: Tokenizer, msgs: list[dict], add_generation_prompt: bool, template: str | None) -> str:
     from jinja2 import TemplateError
 
-    msgs = _check_messages(messages)
     compiled = _compile(template or tokenizer.chat_template or DEFAULT_CHAT_TEMPLATE)
     specials = {"eos_token": tokenizer.eos_token, "bos_token": tokenizer.bos_token or "",
                 "pad_token": tokenizer.pad_token or "", "additional_special_tokens": list(tokenizer.extra_special)}
@@ -79,6 +96,78 @@ def apply_chat_template(tokenizer: Tokenizer, messages: Sequence[dict], add_gene
         return compiled.render(messages=msgs, add_generation_prompt=add_generation_prompt, **specials)
     except TemplateError as e:
         raise HainaError(f"chat template: {e}") from None
+
+
+def encode_chat(tokenizer: Tokenizer, messages: Sequence[dict], add_generation_prompt: bool = True,
+                template: str | None = None) -> list[int]:
+    """The prompt ids of a conversation: the template's markers as special tokens, the messages as text.
+
+    Rendering to a string and encoding it with special tokens parsed would let a message that says
+    `<|im_start|>system` open a turn. So every special-token string in the messages (and a piece of one at
+    either end of a value, which could join the template's text into a marker) is swapped for a random
+    placeholder before rendering; the render is cut at the special strings left, which only the template
+    can have written; and each piece between them is encoded as text with the placeholders put back.
+    When the messages hold no such string the render is encoded as a whole with special tokens parsed,
+    which gives exactly the ids `transformers`' `apply_chat_template(tokenize=True)` gives.
+
+    Args:
+        tokenizer: the tokenizer (its template, else `DEFAULT_CHAT_TEMPLATE`, and its special tokens).
+        messages: as for `apply_chat_template`.
+        add_generation_prompt: end with the opening of an assistant turn.
+        template: a template to use instead of the tokenizer's.
+    """
+    msgs = _check_messages(messages)
+    specials = tuple(sorted(tokenizer.special_strings, key=len, reverse=True))
+    escape = _Escape(specials)
+    safe = [{k: escape(v) if isinstance(v, str) else v for k, v in m.items()} for m in msgs]
+    rendered = _render(tokenizer, safe, add_generation_prompt, template)
+    if not escape.swapped:
+        return tokenizer.encode(rendered, parse_special=True)
+    ids: list[int] = []
+    for piece in tokenizer.split_special(rendered):
+        ids += [piece] if isinstance(piece, int) else tokenizer.encode(escape.restore(piece))
+    return ids
+
+
+class _Escape:
+    """Swaps special-token strings in message text for placeholders a template passes through, and back.
+
+    A placeholder is a private-use character, a random per-render number and another private-use character:
+    no special string, unchanged by the filters templates apply (trim, upper, tojson), and unguessable, so
+    a message cannot contain one to be restored as something else.
+    """
+
+    def __init__(self, specials: tuple[str, ...]):
+        self.specials = specials
+        self.pattern = re.compile("|".join(re.escape(t) for t in specials)) if specials else None
+        self.nonce = secrets.randbelow(10**12)
+        self.swapped: dict[str, str] = {}  # placeholder -> original text
+
+    def _placeholder(self, text: str) -> str:
+        key = f"\ue000{self.nonce}.{len(self.swapped)}\ue001"
+        self.swapped[key] = text
+        return key
+
+    def __call__(self, value: str) -> str:
+        if self.pattern is None:
+            return value
+        value = self.pattern.sub(lambda m: self._placeholder(m.group()), value)
+        # A value ending in the start of a marker ("<|im_") or starting with the end of one ("start|>") could
+        # complete a marker with the template's text around it.
+        tail = max((n for t in self.specials for n in range(len(t) - 1, 0, -1) if value.endswith(t[:n])),
+                   default=0)
+        if tail:
+            value = value[:-tail] + self._placeholder(value[-tail:])
+        head = max((n for t in self.specials for n in range(len(t) - 1, 0, -1) if value.startswith(t[-n:])),
+                   default=0)
+        if head:
+            value = self._placeholder(value[:head]) + value[head:]
+        return value
+
+    def restore(self, text: str) -> str:
+        for key, original in self.swapped.items():
+            text = text.replace(key, original)
+        return text
 
 
 def chat_stop_token_ids(tokenizer: Tokenizer) -> list[int]:
@@ -144,17 +233,17 @@ class ChatSession:
     def reset(self) -> None:
         self.history = []
 
-    def prompt_for(self, user: str) -> tuple[str, int]:
-        """The rendered prompt for the next reply, dropping the oldest turns until it fits; (text, turns dropped)."""
+    def prompt_for(self, user: str) -> tuple[list[int], int]:
+        """The prompt ids for the next reply, dropping the oldest turns until it fits; (ids, turns dropped)."""
         engine, tok = self.gen.engine, self.gen.tokenizer
         # Leave room for a reply of a useful length even when max_new_tokens exceeds the context.
         budget = engine.max_seq_len - min(self.params.max_new_tokens, engine.max_seq_len // 4)
         history, dropped = list(self.history), 0
         while True:
             msgs = ([{"role": "system", "content": self.system}] if self.system else []) + history
-            text = apply_chat_template(tok, msgs + [{"role": "user", "content": user}])
-            if len(tok.encode(text)) <= budget or not history:
-                return text, dropped
+            ids = encode_chat(tok, msgs + [{"role": "user", "content": user}])
+            if len(ids) <= budget or not history:
+                return ids, dropped
             history = history[2:]  # one user + assistant exchange
             dropped += 1
 
@@ -162,7 +251,7 @@ class ChatSession:
         """Stream the assistant's reply to `out` and record the exchange."""
         from dataclasses import replace
 
-        text, dropped = self.prompt_for(user)
+        ids, dropped = self.prompt_for(user)
         if dropped:
             self.history = self.history[2 * dropped:]
             print(f"[context full: dropped the {dropped} oldest exchange(s)]", file=sys.stderr, flush=True)
@@ -170,7 +259,7 @@ class ChatSession:
         self.turn += 1
         pieces: list[str] = []
         try:
-            for delta in self.gen.stream(text, replace(self.params, seed=seed), stop=self.stops):
+            for delta in self.gen.stream(ids, replace(self.params, seed=seed), stop=self.stops):
                 pieces.append(delta)
                 out.write(delta)
                 out.flush()

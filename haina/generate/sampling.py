@@ -9,7 +9,7 @@ take the argmax after the penalties, sampled rows go on through temperature, top
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -24,6 +24,8 @@ class SamplingParams:
     `temperature=0` means greedy. `logprobs`/`prompt_logprobs`: None for none, k >= 0 for the chosen
     token's log-probability plus the k best alternatives (from the raw model distribution).
     `num_beams > 1` selects beam search (deterministic: temperature, top-k/p and min-p are ignored).
+    `logit_bias`: (token id, bias) pairs (a dict is accepted) added to the logits before everything else,
+    greedy rows and beams too, as OpenAI's `logit_bias`: -100 in practice bans a token, +100 forces it.
     """
 
     max_new_tokens: int = 16
@@ -44,11 +46,18 @@ class SamplingParams:
     num_beams: int = 1
     length_penalty: float = 1.0
     early_stopping: bool = False
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         # Lists from JSON or the CLI become tuples so the params stay hashable and frozen.
         if not isinstance(self.stop_token_ids, tuple):
             object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        bias = self.logit_bias
+        try:
+            pairs = tuple(bias.items()) if isinstance(bias, Mapping) else tuple(bias)
+        except TypeError:
+            raise HainaError(f"logit_bias must map token ids to biases, got {bias!r}") from None
+        object.__setattr__(self, "logit_bias", tuple(tuple(p) if isinstance(p, list) else p for p in pairs))
 
     def validate(self, vocab_size: int | None = None) -> None:
         """Raise `HainaError` with one line naming the first invalid option."""
@@ -79,6 +88,23 @@ class SamplingParams:
                 raise HainaError(f"stop_token_ids must be integer token ids, got {t!r}")
             if t < 0 or (vocab_size is not None and t >= vocab_size):
                 raise HainaError(f"stop token id {t} is outside the vocabulary (0..{(vocab_size or 1) - 1})")
+        self._validate_logit_bias(vocab_size)
+
+    def _validate_logit_bias(self, vocab_size: int | None) -> None:
+        seen: set[int] = set()
+        for pair in self.logit_bias:
+            if not isinstance(pair, tuple) or len(pair) != 2:
+                raise HainaError(f"logit_bias must map token ids to biases, got the entry {pair!r}")
+            t, v = pair
+            if not isinstance(t, int) or isinstance(t, bool):
+                raise HainaError(f"logit_bias keys must be integer token ids, got {t!r}")
+            if t < 0 or (vocab_size is not None and t >= vocab_size):
+                raise HainaError(f"logit_bias token id {t} is outside the vocabulary (0..{(vocab_size or 1) - 1})")
+            if t in seen:
+                raise HainaError(f"logit_bias gives token id {t} twice")
+            seen.add(t)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not -100 <= v <= 100:
+                raise HainaError(f"logit_bias for token {t} must be a number in [-100, 100], got {v!r}")
 
     @property
     def greedy(self) -> bool:
@@ -86,7 +112,9 @@ class SamplingParams:
 
     @property
     def uses_penalties(self) -> bool:
-        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+        """Whether a processor that applies to every row (greedy and beams too) has work: penalties or a bias."""
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+                or bool(self.logit_bias))
 
 
 @dataclass
@@ -99,6 +127,7 @@ class RowState:
     # no-repeat-ngram index, built incrementally: (n-1)-gram prefix -> tokens that followed it.
     ngrams: dict[tuple[int, ...], set[int]] = field(default_factory=dict)
     ngram_upto: int = 0  # tokens[:ngram_upto] have been indexed
+    bias: tuple[torch.Tensor, torch.Tensor] | None = None  # logit_bias as (ids, values) on the logits' device
 
 
 @dataclass
@@ -111,13 +140,26 @@ class SamplingContext:
 LogitsProcessor = Callable[[torch.Tensor, SamplingContext], torch.Tensor]
 
 
+def apply_logit_bias(logits: torch.Tensor, ctx: SamplingContext) -> torch.Tensor:
+    """Add each row's own `logit_bias` to its logits (rows of one batch may have different biases)."""
+    for i, row in enumerate(ctx.rows):
+        if not row.params.logit_bias:
+            continue
+        if row.bias is None or row.bias[0].device != logits.device:  # built once per request, not per step
+            ids, values = zip(*row.params.logit_bias)
+            row.bias = (torch.tensor(ids, device=logits.device),
+                        torch.tensor(values, device=logits.device, dtype=logits.dtype))
+        logits[i].index_add_(0, row.bias[0], row.bias[1])
+    return logits
+
+
 def apply_penalties(logits: torch.Tensor, ctx: SamplingContext) -> torch.Tensor:
     """Repetition penalty over prompt + output (CTRL / Hugging Face: divide positive logits, multiply
     negative ones) and OpenAI's presence / frequency penalties over the generated tokens only."""
     V = logits.size(-1)
     for i, row in enumerate(ctx.rows):
         p = row.params
-        if not p.uses_penalties:
+        if p.repetition_penalty == 1.0 and not (p.presence_penalty or p.frequency_penalty):
             continue
         tokens = torch.tensor(row.tokens, device=logits.device)
         if p.repetition_penalty != 1.0:
@@ -194,8 +236,9 @@ def apply_min_p(logits: torch.Tensor, ctx: SamplingContext) -> torch.Tensor:
     return logits.masked_fill(probs < floor, float("-inf"))
 
 
-# Applied to every row (greedy too), then the greedy rows take their argmax.
-PENALTY_PROCESSORS: tuple[LogitsProcessor, ...] = (apply_penalties, apply_no_repeat_ngram)
+# Applied to every row (greedy too), then the greedy rows take their argmax. The bias comes first, as in
+# vLLM: the penalties then act on the biased logits.
+PENALTY_PROCESSORS: tuple[LogitsProcessor, ...] = (apply_logit_bias, apply_penalties, apply_no_repeat_ngram)
 # Applied to the sampled rows only.
 SAMPLING_PROCESSORS: tuple[LogitsProcessor, ...] = (apply_temperature, apply_top_k_top_p, apply_min_p)
 

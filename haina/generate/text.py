@@ -84,7 +84,10 @@ class TextGenerator:
         self.tokenizer = tokenizer
         self._ids = itertools.count()
 
-    def _encode(self, prompt: str) -> list[int]:
+    def _encode(self, prompt: str | list[int]) -> list[int]:
+        # Token ids pass as they are: a chat prompt (`chat.encode_chat`) has special ids that text never gets.
+        if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return list(prompt)
         if not isinstance(prompt, str):
             raise HainaError(f"prompts must be strings, got {type(prompt).__name__} {prompt!r}")
         if not prompt:
@@ -175,8 +178,8 @@ class TextGenerator:
         for rid, (p, _) in where.items():  # insertion order is sample order
             results[p].append(finished[rid])
 
-    def stream_events(self, prompt: str, params: SamplingParams, stop: Sequence[str] = ()) -> Iterator[TextDelta]:
-        """Yield text deltas with their tokens as they are generated (n = 1, no beam search).
+    def stream_events(self, prompt: str | list[int], params: SamplingParams, stop: Sequence[str] = ()) -> Iterator[TextDelta]:
+        """Yield text deltas with their tokens as they are generated (n = 1, no beam search); `prompt` is text or ids.
 
         The last delta has `finished=True`. Closing the iterator early aborts the request.
         """
@@ -199,7 +202,7 @@ class TextGenerator:
         finally:
             events.close()  # aborts the engine request if it is still running
 
-    def stream(self, prompt: str, params: SamplingParams, stop: Sequence[str] = ()) -> Iterator[str]:
+    def stream(self, prompt: str | list[int], params: SamplingParams, stop: Sequence[str] = ()) -> Iterator[str]:
         """Yield the completion of `prompt` as text deltas (never a broken character or part of a stop string)."""
         for delta in self.stream_events(prompt, params, stop):
             if delta.text:

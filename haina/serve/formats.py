@@ -14,6 +14,7 @@ from typing import Any
 
 from haina.core.log import logger
 from haina.generate.outputs import TokenLogprob
+from haina.serve.loop import Cancelled
 from haina.serve.protocol import error_body, usage
 from haina.tokenizer import Tokenizer
 
@@ -31,7 +32,7 @@ async def sse(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
             yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
     except Exception as e:  # noqa: BLE001 - reported to the client in the stream, and logged
         status = getattr(e, "status", 500)
-        if status >= 500:
+        if status >= 500 and not isinstance(e, Cancelled):  # a timeout or a drain is no fault to trace
             logger.exception("error while streaming")
         yield f"data: {json.dumps(error_body(status, getattr(e, 'message', None) or str(e)))}\n\n"
     yield "data: [DONE]\n\n"

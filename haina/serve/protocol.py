@@ -4,15 +4,20 @@ Requests are validated here, before anything reaches the engine: types, ranges a
 this server does not support. Ranges are tighter than "whatever does not crash" on purpose:
 e.g. a repetition penalty of 1e-300 or a temperature of 1e-30 turns logits into inf and the
 sampler into NaN, which would fail every request sharing the batch.
-Unknown fields are ignored, as OpenAI-compatible servers do (clients send `user`, `metadata`...).
+OpenAI fields this server cannot honour (tools, structured output, audio, `suffix`...) are a 400
+naming the field unless they ask for nothing (`tools: []`, `response_format: {"type": "text"}`):
+a request is never answered as if a field it relies on had been applied. Fields that do not change
+the answer (`user`, `metadata`, `service_tier`, prompt-cache hints...) and fields OpenAI does not
+define are ignored, as OpenAI-compatible servers do.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
 
 __all__ = ["ChatCompletionRequest", "ChatMessage", "CompletionRequest", "DetokenizeRequest", "ErrorBody",
            "StreamOptions", "TokenizeRequest", "error_body"]
@@ -21,6 +26,51 @@ MAX_N = 64
 MAX_LOGPROBS = 20
 MAX_STOP = 16
 SEED_LIMIT = 2**62  # torch generators take 64-bit seeds; seed + n must stay inside
+MAX_BIAS = 100  # OpenAI's range for logit_bias values
+
+# Fields OpenAI (or vLLM, for structured output) defines that this server cannot honour: why, and the values that
+# ask for nothing, which pass. Any other value is a 400 naming the field.
+_TOOLS = "this server has no tool calling"
+_GUIDED = "this server has no constrained decoding"
+UNSUPPORTED_SHARED: dict[str, tuple[str, tuple[Any, ...]]] = {
+    "guided_json": (_GUIDED, (None,)), "guided_regex": (_GUIDED, (None,)), "guided_choice": (_GUIDED, (None,)),
+    "guided_grammar": (_GUIDED, (None,)), "structured_outputs": (_GUIDED, (None,)),
+}
+UNSUPPORTED_COMPLETION = {
+    **UNSUPPORTED_SHARED, "suffix": ("this server does not complete text before a suffix", (None, "")),
+}
+UNSUPPORTED_CHAT = {
+    **UNSUPPORTED_SHARED,
+    "tools": (_TOOLS, (None, [])), "tool_choice": (_TOOLS, (None, "none")),
+    "functions": (_TOOLS, (None, [])), "function_call": (_TOOLS, (None, "none")),
+    "response_format": ('this server has no JSON mode or JSON schema output; only {"type": "text"} is accepted',
+                        (None, {"type": "text"})),
+    "audio": ("this server has no audio output", (None,)),
+    "modalities": ('this server writes text only; only ["text"] is accepted', (None, ["text"])),
+    "prediction": ("this server has no predicted outputs", (None,)),
+    "web_search_options": ("this server has no web search", (None,)),
+    "reasoning_effort": ('the model is not a reasoning model; only "none" is accepted', (None, "none")),
+    "verbosity": ("this server has no verbosity control", (None,)),
+    "moderation": ("this server runs no moderation", (None,)),
+    "store": ("this server stores no completions; only false is accepted", (None, False)),
+}
+UNSUPPORTED_MESSAGE = {
+    "tool_calls": (_TOOLS, (None, [])), "tool_call_id": (_TOOLS, (None,)), "function_call": (_TOOLS, (None,)),
+    "audio": ("this server takes no audio", (None,)), "refusal": ("this server has no refusal messages", (None,)),
+}
+
+
+def _asks_for_nothing(value: Any, off: tuple[Any, ...]) -> bool:
+    return any(type(value) is type(o) and value == o for o in off)  # typed: 0 is not False, "" is not None
+
+
+def refused_field(extra: dict[str, Any] | None, table: dict[str, tuple[str, tuple[Any, ...]]],
+                  prefix: str = "") -> tuple[str, str] | None:
+    """(param, message) for the first field of `extra` in `table` that asks for something, else None."""
+    for name, value in (extra or {}).items():
+        if name in table and not _asks_for_nothing(value, table[name][1]):
+            return prefix + name, f"'{prefix}{name}' is not supported: {table[name][0]}; remove the field"
+    return None
 
 
 class _Request(BaseModel):
@@ -48,6 +98,20 @@ class _Sampling(_Request):
     ignore_eos: StrictBool = False
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
+    # OpenAI sends token ids as string keys; the ids are checked against the vocabulary by the service.
+    logit_bias: dict[StrictStr, Annotated[float, Field(ge=-MAX_BIAS, le=MAX_BIAS)]] | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_keys(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        for key in bias or {}:
+            if not re.fullmatch(r"[0-9]{1,10}", key):
+                raise ValueError(f"logit_bias keys must be token ids (decimal integers), got '{key}'")
+        return bias
+
+    def bias_pairs(self) -> tuple[tuple[int, float], ...]:
+        """logit_bias as (token id, bias) pairs (a key written twice, like "7" and "07", counts once)."""
+        return tuple({int(k): v for k, v in (self.logit_bias or {}).items()}.items())
 
     @property
     def stops(self) -> list[str]:
@@ -62,12 +126,18 @@ TokenIds = Annotated[list[StrictInt], Field(min_length=1)]
 class CompletionRequest(_Sampling):
     """POST /v1/completions."""
 
+    model_config = ConfigDict(extra="allow")  # kept, so that fields we cannot honour are refused by name
+
     prompt: StrictStr | TokenIds | Annotated[list[StrictStr], Field(min_length=1, max_length=256)] | \
         Annotated[list[TokenIds], Field(min_length=1, max_length=256)]
     max_tokens: StrictInt | None = Field(16, ge=0)
     logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: StrictBool = False
     best_of: StrictInt | None = Field(None, ge=1, le=MAX_N)
+
+    def refused(self) -> tuple[str, str] | None:
+        """(param, message) for the first field this server cannot honour, else None."""
+        return refused_field(self.model_extra, UNSUPPORTED_COMPLETION)
 
 
 class TextPart(_Request):
@@ -76,9 +146,19 @@ class TextPart(_Request):
 
 
 class ChatMessage(_Request):
+    model_config = ConfigDict(extra="allow")  # kept, so that tool calls and the like are refused by name
+
     role: StrictStr
     content: StrictStr | list[TextPart] | None = None
-    name: StrictStr | None = None
+    # OpenAI's pattern: a name is an identifier, so it cannot carry a newline or a marker into the template.
+    name: Annotated[StrictStr, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")] | None = None
+
+    def template_dict(self) -> dict[str, str]:
+        """The message as the chat template sees it: role, content and, when given, name."""
+        out = {"role": self.role, "content": self.text()}
+        if self.name is not None:
+            out["name"] = self.name
+        return out
 
     def text(self) -> str:
         if self.content is None:
@@ -91,12 +171,21 @@ class ChatMessage(_Request):
 class ChatCompletionRequest(_Sampling):
     """POST /v1/chat/completions."""
 
+    model_config = ConfigDict(extra="allow")  # kept, so that fields we cannot honour are refused by name
+
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: StrictInt | None = Field(None, ge=1)
     max_completion_tokens: StrictInt | None = Field(None, ge=1)
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: StrictBool = True
+
+    def refused(self) -> tuple[str, str] | None:
+        """(param, message) for the first field this server cannot honour, the messages' included, else None."""
+        found = refused_field(self.model_extra, UNSUPPORTED_CHAT)
+        for i, m in enumerate(self.messages):
+            found = found or refused_field(m.model_extra, UNSUPPORTED_MESSAGE, prefix=f"messages.{i}.")
+        return found
 
 
 class TokenizeRequest(_Request):
@@ -105,8 +194,17 @@ class TokenizeRequest(_Request):
     model: StrictStr | None = None
     prompt: StrictStr | None = None
     messages: list[ChatMessage] | None = None
-    add_special_tokens: StrictBool = True
+    # What the tokenizer's post-processor adds (a BOS for Llama tokenizers). Off by default: the completions and
+    # chat endpoints add none, and /tokenize answers with the ids they would use.
+    add_special_tokens: StrictBool = False
     add_generation_prompt: StrictBool = True
+
+    def refused(self) -> tuple[str, str] | None:
+        """(param, message) for the first message field this server cannot honour, else None."""
+        found = None
+        for i, m in enumerate(self.messages or ()):
+            found = found or refused_field(m.model_extra, UNSUPPORTED_MESSAGE, prefix=f"messages.{i}.")
+        return found
 
 
 class DetokenizeRequest(_Request):
@@ -128,7 +226,7 @@ class ErrorBody(BaseModel):
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
-               500: "internal_server_error", 503: "service_unavailable"}
+               500: "internal_server_error", 503: "service_unavailable", 504: "timeout_error"}
 
 
 def error_body(status: int, message: str, param: str | None = None, type: str | None = None) -> dict[str, Any]:

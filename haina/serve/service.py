@@ -21,7 +21,7 @@ from typing import Any
 
 from haina.core.errors import HainaError
 from haina.core.log import logger
-from haina.generate.chat import DEFAULT_CHAT_TEMPLATE, apply_chat_template, chat_stop_strings, chat_stop_token_ids
+from haina.generate.chat import DEFAULT_CHAT_TEMPLATE, chat_stop_strings, chat_stop_token_ids, encode_chat
 from haina.generate.engine import Engine
 from haina.generate.outputs import StepEvent, TokenLogprob
 from haina.generate.sampling import SamplingParams
@@ -52,6 +52,7 @@ class ServiceConfig:
         device: auto, cpu, cuda, cuda:1 or mps.
         api_keys: accepted bearer keys; empty means no authentication.
         max_body_bytes: largest request body accepted (413 beyond).
+        request_timeout: seconds a generation request may take before it is cancelled in the engine (504).
     """
 
     checkpoint: str
@@ -62,6 +63,7 @@ class ServiceConfig:
     device: str = "auto"
     api_keys: tuple[str, ...] = ()
     max_body_bytes: int = 4 * 1024 * 1024
+    request_timeout: float | None = None
 
     @property
     def model_name(self) -> str:
@@ -134,7 +136,7 @@ class Service:
                 return Engine(model, max_batch_size=cfg.max_batch_size, max_seq_len=cfg.max_model_len,
                               eos_token_id=tokenizer.eos_id)
 
-            loop = EngineLoop(make_engine, self.metrics, max_queue=cfg.max_queue)
+            loop = EngineLoop(make_engine, self.metrics, max_queue=cfg.max_queue, request_timeout=cfg.request_timeout)
             self.tokenizer, self.vocab_size = tokenizer, model.cfg.vocab_size
             self.max_model_len = loop.engine.max_seq_len
             self.loop = loop
@@ -174,8 +176,14 @@ class Service:
         if bad is not None:
             raise APIError(400, f"{what} token id {bad} is outside the vocabulary (0..{limit - 1})", param=what)
 
+    @staticmethod
+    def _refuse_unsupported(req: CompletionRequest | ChatCompletionRequest | TokenizeRequest) -> None:
+        found = req.refused()
+        if found is not None:
+            raise APIError(400, found[1], param=found[0], type="invalid_request_error")
+
     def _encode(self, tok: Tokenizer, text: str) -> list[int]:
-        ids = tok.encode(text)
+        ids = tok.encode(text)  # text only: a control string written in the prompt stays text
         if not ids:
             raise APIError(400, "the prompt is empty; give at least one character or token", param="prompt")
         return ids
@@ -185,11 +193,17 @@ class Service:
         if req.n > self.config.max_queue:
             raise APIError(400, f"n={req.n} exceeds the server's queue of {self.config.max_queue} sequences",
                            param="n")
+        bias = req.bias_pairs()
+        bad = next((t for t, _ in bias if t >= self.vocab_size), None)
+        if bad is not None:
+            raise APIError(400, f"logit_bias token id {bad} is outside the vocabulary (0..{self.vocab_size - 1})",
+                           param="logit_bias")
         params = SamplingParams(
             max_new_tokens=max(1, max_tokens), temperature=0.0 if req.temperature < GREEDY_BELOW else req.temperature,
             top_p=req.top_p, top_k=max(0, req.top_k), min_p=req.min_p, repetition_penalty=req.repetition_penalty,
             presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty, stop_token_ids=stop_ids,
-            ignore_eos=req.ignore_eos, seed=req.seed, logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+            ignore_eos=req.ignore_eos, seed=req.seed, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+            logit_bias=bias)
         try:
             params.validate(self.vocab_size)
         except HainaError as e:
@@ -205,6 +219,7 @@ class Service:
     # ------------------------------------------------------------------ /v1/completions
     async def completions(self, req: CompletionRequest, disconnected: Disconnected | None = None):
         """A completion response (dict) or, for stream=true, an async iterator of SSE lines."""
+        self._refuse_unsupported(req)
         loop, tok = self._require_ready()
         self.check_model(req.model)
         arrival = time.perf_counter()
@@ -259,10 +274,14 @@ class Service:
     # ------------------------------------------------------------------ /v1/chat/completions
     async def chat(self, req: ChatCompletionRequest, disconnected: Disconnected | None = None):
         """A chat completion response (dict) or, for stream=true, an async iterator of SSE lines."""
+        self._refuse_unsupported(req)
         loop, tok = self._require_ready()
         self.check_model(req.model)
         arrival = time.perf_counter()
-        ids = self._encode(tok, self._render(tok, req.messages, req.add_generation_prompt))
+        ids = self._chat_ids(tok, req.messages, req.add_generation_prompt)
+        if not ids:
+            raise APIError(400, "the conversation renders to no tokens; give a message with some text",
+                           param="messages")
         self._check_ids(ids, self.vocab_size)
         requested = req.max_completion_tokens or req.max_tokens
         if requested is None:
@@ -286,10 +305,10 @@ class Service:
             pass
         return fmt.response(seqs, len(ids))
 
-    def _render(self, tok: Tokenizer, messages, add_generation_prompt: bool) -> str:
-        msgs = [{"role": m.role, "content": m.text()} for m in messages]
+    def _chat_ids(self, tok: Tokenizer, messages, add_generation_prompt: bool) -> list[int]:
+        """The prompt ids of a conversation: the template's markers are special tokens, what messages say is text."""
         try:
-            return apply_chat_template(tok, msgs, add_generation_prompt=add_generation_prompt)
+            return encode_chat(tok, [m.template_dict() for m in messages], add_generation_prompt=add_generation_prompt)
         except HainaError as e:
             raise APIError(400, str(e), param="messages") from None
         except (TypeError, ValueError, LookupError, ArithmeticError) as e:
@@ -300,12 +319,18 @@ class Service:
 
     # ------------------------------------------------------------------ tokenizer endpoints
     def tokenize(self, req: TokenizeRequest) -> dict[str, Any]:
+        self._refuse_unsupported(req)
         _, tok = self._require_ready()
         self.check_model(req.model)
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "give exactly one of 'prompt' or 'messages'", param="prompt")
-        text = req.prompt if req.prompt is not None else self._render(tok, req.messages, req.add_generation_prompt)
-        ids = tok.encode(text)
+        if req.prompt is not None:
+            ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        else:
+            ids = self._chat_ids(tok, req.messages, req.add_generation_prompt)
+            if req.add_special_tokens:
+                before, after = tok.post_processor_tokens()
+                ids = before + ids + after
         return {"tokens": ids, "count": len(ids), "max_model_len": self.max_model_len}
 
     def detokenize(self, req: DetokenizeRequest) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from haina.generate.chat import (
     apply_chat_template,
     chat_stop_strings,
     chat_stop_token_ids,
+    encode_chat,
     ensure_chat_tokens,
 )
 from haina.generate.engine import Engine
@@ -89,7 +90,7 @@ def test_ensure_chat_tokens(tok):
     assert tok.token_to_id("<|im_end|>") is None  # the original is untouched
     end = chat.token_to_id("<|im_end|>")
     assert end == tok.vocab_size + 1 and chat.vocab_size == tok.vocab_size + 2
-    ids = chat.encode(apply_chat_template(chat, MESSAGES))
+    ids = encode_chat(chat, MESSAGES)
     assert ids.count(end) == 4 and ids.count(chat.token_to_id("<|im_start|>")) == 5
     assert chat.decode(ids, skip_special=True).startswith("system\nBe brief.\n")
     assert chat_stop_token_ids(chat) == [chat.eos_id, end] and chat_stop_strings(chat) == []
@@ -118,9 +119,11 @@ def test_history_truncated_when_context_fills(char_ckpt):
     s = _session(char_ckpt, max_new_tokens=8)
     for i in range(6):
         s.reply(f"message {i}", out=io.StringIO())
-    text, dropped = s.prompt_for("again")
-    assert len(s.gen.tokenizer.encode(text)) <= s.gen.engine.max_seq_len - 8  # room left for the reply
-    assert "message 5" in text and "message 0" not in text and dropped >= 1
+    ids, dropped = s.prompt_for("again")
+    assert len(ids) <= s.gen.engine.max_seq_len - 8  # room left for the reply
+    kept = s.history[2 * dropped:]  # the prompt is the newest exchanges and the new message
+    assert ids == encode_chat(s.gen.tokenizer, kept + [{"role": "user", "content": "again"}])
+    assert kept[-2]["content"] == "message 5" and all(m["content"] != "message 0" for m in kept) and dropped >= 1
     assert s.history[0]["content"] != "message 0" and s.history[-2]["content"] == "message 5"
 
 

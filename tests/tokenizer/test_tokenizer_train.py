@@ -44,8 +44,9 @@ def test_bpe_round_trips_any_text(text):
 def test_special_token_is_one_id_and_first():
     tok = _bpe()
     assert tok.eos_token == EOT and tok.eos_id == 0
-    assert tok.encode(EOT) == [tok.eos_id]
-    ids = tok.encode(f"fox{EOT}dog")
+    assert tok.encode(EOT, parse_special=True) == [tok.eos_id]
+    assert tok.eos_id not in tok.encode(EOT)  # text is text unless special strings are asked for
+    ids = tok.encode(f"fox{EOT}dog", parse_special=True)
     assert ids.count(tok.eos_id) == 1
     assert tok.decode(ids) == f"fox{EOT}dog"
     assert tok.decode(ids, skip_special=True) == "foxdog"
@@ -54,7 +55,7 @@ def test_special_token_is_one_id_and_first():
 def test_extra_special_tokens_and_order():
     tok = train_bpe(iter(CORPUS), vocab_size=300, special_tokens=(EOT, "<|pad|>"))
     assert tok.special_tokens == {EOT: 0, "<|pad|>": 1}
-    assert tok.encode("<|pad|>") == [1]
+    assert tok.encode("<|pad|>", parse_special=True) == [1]
 
 
 def test_bpe_is_deterministic():
@@ -78,7 +79,7 @@ def test_transformers_fast_tokenizer_reads_it(tmp_path):
         text = "The lazy fox, naïve 🎉"
         assert hf(text, add_special_tokens=False)["input_ids"] == tok.encode(text)
         assert hf.eos_token_id == tok.eos_id
-        assert hf.convert_ids_to_tokens(tok.encode(EOT)) == [EOT]
+        assert hf.convert_ids_to_tokens(tok.encode(EOT, parse_special=True)) == [EOT]
         assert hf.decode(tok.encode(text), clean_up_tokenization_spaces=False) == text
 
 
@@ -91,7 +92,7 @@ def test_char_tokenizer_round_trips_and_has_every_character():
         ids = tok.encode(text)
         assert len(ids) == len(text)  # one token per character
         assert tok.decode(ids) == text
-    assert tok.encode(f"a{EOT}b") == [tok.token_to_id("a"), tok.eos_id, tok.token_to_id("b")]
+    assert tok.encode(f"a{EOT}b", parse_special=True) == [tok.token_to_id("a"), tok.eos_id, tok.token_to_id("b")]
     assert tok.encode("Ω") == [tok.token_to_id(UNK)]  # never seen: the unknown token, not an error
 
 
@@ -117,9 +118,9 @@ def test_corrupt_files_are_one_line_errors(tmp_path):
 
     _bpe().save(tmp_path / "tok")
     (tmp_path / "tok" / "tokenizer_config.json").write_text("{not json")
-    with pytest.raises(HainaError, match="cannot parse .*tokenizer_config.json"):
+    with pytest.raises(HainaError, match="cannot read .*tokenizer_config.json: not valid JSON"):
         Tokenizer.load(tmp_path / "tok")
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     (tmp_path / "run" / "checkpoints" / "index.json").write_text("")
-    with pytest.raises(HainaError, match="cannot parse .*index.json"):
+    with pytest.raises(HainaError, match="cannot read .*index.json: not valid JSON"):
         resolve_checkpoint(tmp_path / "run")
