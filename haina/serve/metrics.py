@@ -33,6 +33,11 @@ class ServeMetrics:
         self.requests = Counter("haina_requests", "Finished generation sequences by finish reason",
                                 ["finish_reason"], registry=r)
         self.errors = Counter("haina_request_errors", "HTTP responses with an error status", ["status"], registry=r)
+        self.timeouts = Counter("haina_request_timeouts", "Requests cut off by --request-timeout", registry=r)
+        self.in_flight = Gauge("haina_num_http_requests_in_flight",
+                               "API requests being answered (a drain waits for these)", registry=r)
+        self.draining = Gauge("haina_draining", "1 while the server drains before exiting (new requests get 503)",
+                              registry=r)
 
     def render(self) -> bytes:
         """The metrics in the Prometheus text format."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -12,9 +13,13 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["free_port", "serve_process"]
+__all__ = ["ServerProcess", "free_port", "serve_process", "serve_subprocess"]
+
+# Longer than a drain by default (30 s) plus uvicorn's shutdown, so that terminating never cuts a drain short.
+STOP_TIMEOUT_S = 45.0
 
 
 def free_port() -> int:
@@ -24,19 +29,49 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@dataclass
+class ServerProcess:
+    """A running `haina serve`: its base URL, the process and its log."""
+
+    url: str
+    proc: subprocess.Popen
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        """Everything the server has printed so far (stdout and stderr)."""
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> int:
+        """SIGTERM (a drain), wait up to `timeout` seconds, then SIGKILL; return the exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+
 @contextlib.contextmanager
-def serve_process(checkpoint: str | Path, *args: str, log_path: str | Path, timeout: float = 120.0,
-                  env: dict[str, str] | None = None) -> Iterator[str]:
-    """Run `haina serve --checkpoint CHECKPOINT --port P ARGS…`; yield its base URL once /health answers 200.
+def serve_subprocess(checkpoint: str | Path, *args: str, log_path: str | Path, timeout: float = 120.0,
+                     env: dict[str, str] | None = None, stop_timeout: float = STOP_TIMEOUT_S
+                     ) -> Iterator[ServerProcess]:
+    """Run `haina serve --checkpoint CHECKPOINT --port P ARGS…`; yield it once /health answers 200.
 
     The server's output goes to `log_path`; its tail is in the error when it exits or never becomes
-    healthy (RuntimeError). The process is terminated (killed after 15 s) when the block ends.
+    healthy (RuntimeError). When the block ends the server is stopped with SIGTERM (it drains), and
+    killed if it has not exited `stop_timeout` seconds later.
     """
     port = free_port()
     cmd = [sys.executable, "-m", "haina.cli", "serve", "--checkpoint", str(checkpoint), "--port", str(port), *args]
     url = f"http://127.0.0.1:{port}"
     with Path(log_path).open("w+") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+        server = ServerProcess(url, proc, Path(log_path))
 
         def tail() -> str:
             log.flush()
@@ -51,14 +86,17 @@ def serve_process(checkpoint: str | Path, *args: str, log_path: str | Path, time
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"haina serve did not become healthy within {timeout:g} s:\n{tail()}")
                 time.sleep(0.2)
-            yield url
+            yield server
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            server.stop(stop_timeout)
+
+
+@contextlib.contextmanager
+def serve_process(checkpoint: str | Path, *args: str, log_path: str | Path, timeout: float = 120.0,
+                  env: dict[str, str] | None = None) -> Iterator[str]:
+    """`serve_subprocess`, yielding only the base URL."""
+    with serve_subprocess(checkpoint, *args, log_path=log_path, timeout=timeout, env=env) as server:
+        yield server.url
 
 
 def _healthy(url: str) -> bool:
