@@ -245,12 +245,28 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: file not found: {e.filename or e}", file=sys.stderr)
         return 2
+    except (PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError) as e:
+        # A last resort: loaders name what is wrong with a file's content, but any open() may meet a path that
+        # is not readable or not of the expected kind; the OS error and its path are then the whole story.
+        if debug:
+            raise
+        print(f"error: {_os_error_line(e)}", file=sys.stderr)
+        return 2
     except ModuleNotFoundError as e:
         if debug:
             raise
         extra = " (install it with: pip install 'haina[hf]')" if e.name == "transformers" else ""
         print(f"error: missing module '{e.name}'{extra}", file=sys.stderr)
         return 2
+
+
+def _os_error_line(e: OSError) -> str:
+    """'cannot use PATH: permission denied' (both paths for a failed rename or copy)."""
+    what = {PermissionError: "permission denied", IsADirectoryError: "it is a directory, a file is expected",
+            NotADirectoryError: "a directory is expected, a file is in the way",
+            FileExistsError: "it already exists, and is in the way"}.get(type(e), e.strerror or str(e))
+    paths = " → ".join(str(p) for p in (e.filename, e.filename2) if p is not None)
+    return f"cannot use {paths}: {what}" if paths else f"{what}"
 
 
 if __name__ == "__main__":

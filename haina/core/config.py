@@ -142,7 +142,10 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         key, value = item.split("=", 1)
         parsed: Any = value
         if value.startswith(("[", "{")):
-            parsed = yaml.safe_load(value)
+            try:
+                parsed = yaml.safe_load(value)
+            except yaml.YAMLError as e:
+                raise HainaError(f"override '{item}': the value is not valid YAML ({_yaml_problem(e)})") from None
         node = out
         parts = key.split(".")
         for p in parts[:-1]:
@@ -165,19 +168,30 @@ def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a YAML mapping, with one-line errors for missing files and bad syntax."""
+    """Read a YAML mapping, with one-line errors for missing files, binary files and bad syntax."""
     path = Path(path)
+    if path.is_dir():
+        raise HainaError(f"{path} is a directory; expected a YAML config file")
     if not path.is_file():
         raise HainaError(f"config file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise HainaError(f"cannot read {path}: not UTF-8 text (is it a YAML file?)") from None
     except yaml.YAMLError as e:
-        raise HainaError(f"cannot parse YAML in {path}: {str(e).splitlines()[0]}") from None
+        raise HainaError(f"cannot read {path}: not valid YAML ({_yaml_problem(e)})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise HainaError(f"{path} must contain a YAML mapping at the top level")
     return data
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """'line 3: mapping values are not allowed here' from a PyYAML error (whose message spans several lines)."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f"line {mark.line + 1}: {problem}" if mark is not None else problem
 
 
 def replace(cfg: T, **changes: Any) -> T:

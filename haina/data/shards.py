@@ -13,7 +13,6 @@ position in the data is part of the resumable training state; evaluation windows
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 
 from haina.core.errors import HainaError
+from haina.core.io import read_json
 from haina.tokenizer import Tokenizer
 
 FORMAT = "haina-shards/1"
@@ -35,10 +35,7 @@ def read_meta(data_dir: str | Path) -> dict:
     path = d / "meta.json"
     if not path.is_file():
         raise HainaError(f"{d} has no meta.json; is it a token-shard directory written by `haina data tokenize`?")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise HainaError(f"cannot parse {path}: {e}") from None
+    meta = read_json(path, "re-create it with `haina data tokenize`")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else None
         raise HainaError(f"{path} has format {found!r}, expected '{FORMAT}'; re-create it with `haina data tokenize`")

@@ -30,7 +30,10 @@ def read_prompts(path: str | Path) -> list[dict[str, Any]]:
         raise HainaError(f"prompts file not found: {path}")
     if path.suffix not in (".txt", ".jsonl"):
         raise HainaError(f"prompts file {path} must be .txt (one prompt per line) or .jsonl (a 'prompt' field per line)")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise HainaError(f"prompts file {path} is not UTF-8 text (byte {e.start})") from None
     specs = [{"prompt": line} for line in lines if line.strip()] if path.suffix == ".txt" else []
     for n, line in enumerate(lines if path.suffix == ".jsonl" else [], 1):
         if not line.strip():

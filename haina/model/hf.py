@@ -16,13 +16,13 @@ can be converted without the optional extra. Reading directories (sharded safete
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Literal
 
 import torch
 
 from haina.core.errors import HainaError
+from haina.core.io import read_json
 from haina.model.config import ModelConfig
 
 Layout = Literal["llama", "gpt2"]
@@ -123,7 +123,12 @@ def to_hf_state_dict(cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> dict
 # ---------------------------------------------------------------------------------------- HF -> haina
 def from_hf_config(hf: dict) -> ModelConfig:
     """A haina `ModelConfig` from a `transformers` config.json dict (Llama family or GPT-2)."""
-    cfg = _from_hf_config(hf)
+    try:
+        cfg = _from_hf_config(hf)
+    except KeyError as e:
+        raise HainaError(f"config.json has no '{e.args[0]}', which a {hf.get('model_type')} model needs") from None
+    except (TypeError, ValueError, AttributeError, ArithmeticError) as e:  # a field of the wrong type (a string for a size, ...)
+        raise HainaError(f"config.json has a field of the wrong type or value ({e})") from None
     # Leave intermediate_size at None when it is haina's default for the width, so an exported and
     # re-imported config compares equal to the original.
     default = dataclasses.replace(cfg, intermediate_size=None)
@@ -145,12 +150,12 @@ def _from_hf_config(hf: dict) -> ModelConfig:
                              "scale_attn_weights=false have no haina equivalent")
         if hf.get("add_cross_attention"):
             raise HainaError("GPT-2 with cross-attention (add_cross_attention) is not a decoder-only model")
-        n_embd = hf["n_embd"]
-        return ModelConfig(vocab_size=hf["vocab_size"], block_size=hf.get("n_positions") or hf.get("n_ctx", 1024),
-                           n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=n_embd,
-                           intermediate_size=hf.get("n_inner") or 4 * n_embd, norm="layernorm",
-                           norm_eps=hf.get("layer_norm_epsilon", 1e-5), pos="learned", mlp="gelu", bias=True,
-                           tie_embeddings=tie, init_std=hf.get("initializer_range", 0.02))
+        n_embd = _int(hf, "n_embd")
+        return _model_config(vocab_size=hf["vocab_size"], block_size=hf.get("n_positions") or hf.get("n_ctx", 1024),
+                             n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=n_embd,
+                             intermediate_size=hf.get("n_inner") or 4 * n_embd, norm="layernorm",
+                             norm_eps=hf.get("layer_norm_epsilon", 1e-5), pos="learned", mlp="gelu", bias=True,
+                             tie_embeddings=tie, init_std=hf.get("initializer_range", 0.02))
     if hf.get("hidden_act", "silu") != "silu":
         raise HainaError(f"{kind} hidden_act '{hf.get('hidden_act')}' has no haina equivalent (swiglu uses silu)")
     rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
@@ -167,20 +172,47 @@ def _from_hf_config(hf: dict) -> ModelConfig:
     window = hf.get("sliding_window")
     if hf.get("use_sliding_window", window is not None) and window is not None and window < n_pos:
         raise HainaError(f"sliding-window attention (sliding_window={window}) has no haina equivalent")
-    n_embd, n_head = hf["hidden_size"], hf["num_attention_heads"]
-    head_dim = hf.get("head_dim") or n_embd // n_head
+    n_embd, n_head = _int(hf, "hidden_size"), _int(hf, "num_attention_heads")
+    head_dim = _int(hf, "head_dim") if hf.get("head_dim") else n_embd // n_head
     if head_dim * n_head != n_embd:
         raise HainaError(f"head_dim {head_dim} × {n_head} heads != hidden_size {n_embd}; haina needs "
                          "head_dim = hidden_size / num_attention_heads")
-    return ModelConfig(vocab_size=hf["vocab_size"], block_size=n_pos, n_layer=hf["num_hidden_layers"], n_head=n_head,
-                       n_embd=n_embd, n_kv_head=hf.get("num_key_value_heads") or n_head,
-                       intermediate_size=hf["intermediate_size"], norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6),
-                       pos="rope", rope_theta=float(theta), mlp="swiglu", bias=attn_bias, tie_embeddings=tie,
-                       init_std=hf.get("initializer_range", 0.02))
+    return _model_config(vocab_size=hf["vocab_size"], block_size=n_pos, n_layer=hf["num_hidden_layers"],
+                         n_head=n_head, n_embd=n_embd, n_kv_head=hf.get("num_key_value_heads") or n_head,
+                         intermediate_size=hf["intermediate_size"], norm="rmsnorm",
+                         norm_eps=hf.get("rms_norm_eps", 1e-6), pos="rope", rope_theta=theta, mlp="swiglu",
+                         bias=attn_bias, tie_embeddings=tie, init_std=hf.get("initializer_range", 0.02))
+
+
+def _int(hf: dict, key: str) -> int:
+    """A size field of config.json that arithmetic follows, checked before it is used."""
+    value = hf[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise HainaError(f"config.json: '{key}' must be a positive integer, got {value!r}")
+    return value
+
+
+def _model_config(**fields) -> ModelConfig:
+    """A ModelConfig through `from_dict`, so a value of the wrong type in config.json is named, not a crash later."""
+    size = fields.get("intermediate_size")
+    if isinstance(size, int) and not isinstance(size, bool) and size < 1:  # ModelConfig reads < 1 as "the default"
+        raise HainaError(f"config.json: the MLP width must be a positive integer, got {size!r}")
+    try:
+        return ModelConfig.from_dict(fields)
+    except HainaError as e:
+        raise HainaError(f"config.json: {e}") from None
 
 
 def from_hf_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """`transformers` weights (with or without the `model.` / `transformer.` prefix) -> haina `weights()`."""
+    try:
+        return _from_hf_state_dict(cfg, sd)
+    except (RuntimeError, IndexError) as e:  # tensors whose shapes cannot be joined or transposed as config.json says
+        raise HainaError(f"the Hugging Face weights do not have the shapes config.json describes "
+                         f"({str(e).splitlines()[0]})") from None
+
+
+def _from_hf_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     layout = hf_layout(cfg)
     prefix = "model." if layout == "llama" else "transformer."
     # A bare base model (LlamaModel, GPT2Model) saves its keys without the prefix.
@@ -233,7 +265,7 @@ def read_hf_config(path: str | Path) -> dict:
     file = Path(path) / "config.json"
     if not file.is_file():
         raise HainaError(f"{path} has no config.json; point --path at a saved Hugging Face model directory")
-    return json.loads(file.read_text())
+    return read_json(file, expect=dict)
 
 
 def load_hf_weights(path: str | Path) -> dict[str, torch.Tensor]:
@@ -245,7 +277,11 @@ def load_hf_weights(path: str | Path) -> dict[str, torch.Tensor]:
     for index_name, loader in (("model.safetensors.index.json", "st"), ("pytorch_model.bin.index.json", "pt")):
         index = path / index_name
         if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            data = read_json(index)
+            weight_map = data.get("weight_map") if isinstance(data, dict) else None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise HainaError(f"{index} has no 'weight_map' naming the shard of each tensor")
+            shards = sorted(set(weight_map.values()))
             sd: dict[str, torch.Tensor] = {}
             for shard in shards:
                 sd.update(_load_one(path / shard, loader, load_file))
@@ -260,12 +296,18 @@ def load_hf_weights(path: str | Path) -> dict[str, torch.Tensor]:
 def _load_one(file: Path, kind: str, load_file) -> dict[str, torch.Tensor]:
     if not file.is_file():
         raise HainaError(f"weight shard {file} is missing")
+    with open(file, "rb"):  # an unreadable file is a PermissionError here; safetensors would call it 'not found'
+        pass
     try:
-        if kind == "st":
-            return load_file(str(file))
-        return torch.load(file, map_location="cpu", weights_only=True)
+        sd = load_file(str(file)) if kind == "st" else torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - corrupt files raise library-specific error types
-        raise HainaError(f"cannot read weights {file}: {e}") from None
+        what = "a safetensors" if kind == "st" else "a PyTorch weights"
+        reason = str(e).splitlines()[0].removeprefix("Error while deserializing header: ") if str(e) else ""
+        raise HainaError(f"cannot read weights {file}: truncated or not {what} file ({reason or type(e).__name__})"
+                          ) from None
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise HainaError(f"{file} holds no mapping of tensor names to tensors")
+    return sd
 
 
 __all__ = ["DTYPES", "SUPPORTED_MODEL_TYPES", "from_hf_config", "from_hf_state_dict", "hf_layout", "load_hf_weights",
