@@ -1,7 +1,8 @@
 # Two commands set everything up on a fresh machine:
 #   make run   create .venv, install haina, run the main job (haina quickstart)
 #   make test  create .venv, install haina with test extras, run the test suite
-# Both reuse .venv and reinstall only when pyproject.toml (where every pin lives) changes.
+# Both reuse .venv and reinstall only when pyproject.toml (where every pin lives) or setup.py (the package
+# layout) changes.
 
 PYTHON ?= $(shell command -v python3.11 2>/dev/null || command -v python3)
 VENV := .venv
@@ -33,11 +34,11 @@ $(VENV)/bin/python:
 
 # torch is pinned to 2.13.0 in pyproject.toml: pip takes the CPU build from the local wheel
 # directory, never a multi-GB CUDA build from the index.
-$(VENV)/.installed: pyproject.toml | $(VENV)/bin/python
+$(VENV)/.installed: pyproject.toml setup.py | $(VENV)/bin/python
 	$(BIN)/python -m pip install --quiet -e .
 	touch $@
 
-$(VENV)/.installed-test: pyproject.toml | $(VENV)/bin/python
+$(VENV)/.installed-test: pyproject.toml setup.py | $(VENV)/bin/python
 	$(BIN)/python -m pip install --quiet -e '.[hf,test]'
 	touch $@ $(VENV)/.installed
 
