@@ -6,7 +6,9 @@ identical weights (the script checks that both produce the same greedy tokens). 
 greedily with end-of-sequence disabled, so they generate exactly the same number of tokens;
 `transformers` uses its default dynamic KV cache.
 
-Measured (median over --repeats, after one warm-up run; the two sides alternate run by run):
+Measured in --repeats interleaved rounds after one warm-up run each: in every round each side runs
+once, the order reversed in every other round. Each figure is the median over the rounds; each
+ratio is taken within a round and reported as its median with its range over the rounds:
 - single stream: time to first token (prefill of --prompt-len tokens + the first token) and
   decode tokens/s (tokens 2..N over the time after the first token);
 - batched throughput at each --batch-sizes: generated tokens/s for B prompts decoded together;
@@ -26,6 +28,7 @@ import datetime
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 import warnings
@@ -33,6 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from rounds import Spread, cpu_model, load_average, ratios, round_order
 
 from haina.core.device import resolve_device
 from haina.export.hf import export_hf
@@ -118,23 +122,24 @@ def hf_batch(hf, prompts: list[list[int]], new: int) -> list[list[int]]:
 
 # --------------------------------------------------------------------------------- measurement
 def interleaved(repeats: int, runs: list[Callable[[], object]]) -> list[list[object]]:
-    """Each run once as warm-up, then `repeats` rounds of each run in turn.
+    """Each run once as warm-up, then `repeats` rounds of each run in turn; results[side][round].
 
     Alternating the two sides spreads a noisy neighbour's bursts (a shared machine) over both,
-    rather than over whichever side happened to run during them.
+    rather than over whichever side happened to run during them; reversing the order in every
+    other round keeps either side from always running first (or always right after the other).
     """
     for run in runs:
         run()  # warm-up: allocator, kernel selection, lazy initialization
     results: list[list[object]] = [[] for _ in runs]
-    for _ in range(repeats):
-        for out, run in zip(results, runs):
-            out.append(run())
+    for r in range(repeats):
+        for i in round_order(range(len(runs)), r):
+            results[i].append(runs[i]())
     return results
 
 
 def single_stream(sides: list[tuple[str, Callable, object]], prompt: list[int], new: int, repeats: int,
                   device) -> list[dict]:
-    """Time to first token (ms) and decode tokens/s of each (name, stream function, model), medians."""
+    """Time to first token (ms) and decode tokens/s of each (name, stream function, model), one per round."""
     clock = _Clock(device)
 
     def runner(name: str, fn, model) -> Callable[[], tuple[float, float]]:
@@ -146,13 +151,12 @@ def single_stream(sides: list[tuple[str, Callable, object]], prompt: list[int], 
         return run
 
     results = interleaved(repeats, [runner(*side) for side in sides])
-    return [{"ttft_ms": 1000 * statistics.median(r[0] for r in res),
-             "decode_tps": statistics.median(r[1] for r in res)} for res in results]
+    return [{"ttft_ms": [1000 * r[0] for r in res], "decode_tps": [r[1] for r in res]} for res in results]
 
 
 def batched(sides: list[tuple[Callable, object]], prompts: list[list[int]], new: int, repeats: int,
-            device) -> list[float]:
-    """Generated tokens/s of each (batch function, model) for `prompts` decoded together, medians."""
+            device) -> list[list[float]]:
+    """Generated tokens/s of each (batch function, model) for `prompts` decoded together, one per round."""
     def runner(fn, model) -> Callable[[], float]:
         def run() -> float:
             _sync(device)
@@ -163,7 +167,7 @@ def batched(sides: list[tuple[Callable, object]], prompts: list[list[int]], new:
             return len(prompts) * new / (time.perf_counter() - t0)
         return run
 
-    return [statistics.median(res) for res in interleaved(repeats, [runner(*side) for side in sides])]
+    return interleaved(repeats, [runner(*side) for side in sides])
 
 
 def hf_kv_bytes_per_token(hf, prompt: list[int]) -> int | None:
@@ -221,7 +225,10 @@ def main() -> None:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16])
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", "--rounds", type=int, default=3,
+                   help="interleaved rounds; figures are medians over them, ratios per round with their range")
+    p.add_argument("--target", type=float, default=1.5,
+                   help="single-stream decode speedup over transformers that the target line checks (CPU)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -241,16 +248,20 @@ def main() -> None:
     new = args.new_tokens
 
     same = haina_batch(model, prompts[:2], 16) == hf_batch(hf, prompts[:2], 16)
-    rows = []
+    load_before = load_average()
+    rows: list[tuple[str, float, float, Spread]] = []  # (measure, haina median, transformers median, ratio)
     s_h, s_t = single_stream([("haina", haina_stream, model), ("transformers", hf_stream, hf)], prompts[0], new,
                              args.repeats, device)
-    rows.append(("single stream: decode tokens/s", s_h["decode_tps"], s_t["decode_tps"],
-                 s_h["decode_tps"] / s_t["decode_tps"]))
-    rows.append((f"single stream: time to first token, ms ({args.prompt_len}-token prompt)", s_h["ttft_ms"],
-                 s_t["ttft_ms"], s_t["ttft_ms"] / s_h["ttft_ms"]))
+    decode = ratios(s_h["decode_tps"], s_t["decode_tps"])
+    rows.append(("single stream: decode tokens/s", statistics.median(s_h["decode_tps"]),
+                 statistics.median(s_t["decode_tps"]), decode))
+    rows.append((f"single stream: time to first token, ms ({args.prompt_len}-token prompt)",
+                 statistics.median(s_h["ttft_ms"]), statistics.median(s_t["ttft_ms"]),
+                 ratios(s_t["ttft_ms"], s_h["ttft_ms"])))
     for b in args.batch_sizes:
         th, tt = batched([(haina_batch, model), (hf_batch, hf)], prompts[:b], new, args.repeats, device)
-        rows.append((f"batch {b}: generated tokens/s", th, tt, th / tt))
+        rows.append((f"batch {b}: generated tokens/s", statistics.median(th), statistics.median(tt), ratios(th, tt)))
+    load_after = load_average()
 
     per_token = KVCache.bytes_per_token(cfg, dtype)
     engine = Engine(model, max_batch_size=4, max_seq_len=args.prompt_len + new, eos_token_id=None)
@@ -258,17 +269,27 @@ def main() -> None:
     hf_per_token = hf_kv_bytes_per_token(hf, prompts[0])
 
     threads = torch.get_num_threads()
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'cpu'}"
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
     print(f"\n## Generation: haina Engine vs transformers {transformers.__version__} generate\n")
     print(f"{datetime.date.today()} · {where} ({os.cpu_count()} cores, {threads} torch threads) · torch "
-          f"{torch.__version__} · {args.checkpoint or args.preset} ({model.num_params() / 1e6:.1f}M params, "
-          f"{cfg.n_layer} layers, d={cfg.n_embd}) · {args.dtype} · prompt {args.prompt_len} + {new} new tokens, "
-          f"greedy · median of {args.repeats} · same greedy tokens on both sides: {'yes' if same else 'NO'}\n")
-    print("| measure | haina | transformers | haina speedup (×) |")
+          f"{torch.__version__} · Python {platform.python_version()} · {args.checkpoint or args.preset} "
+          f"({model.num_params() / 1e6:.1f}M params, {cfg.n_layer} layers, d={cfg.n_embd}) · {args.dtype} · prompt "
+          f"{args.prompt_len} + {new} new tokens, greedy · {args.repeats} interleaved rounds, medians · load average "
+          f"{load_before:.1f} before, {load_after:.1f} after · same greedy tokens on both sides: "
+          f"{'yes' if same else 'NO'}\n")
+    print(f"Command: `{' '.join(['.venv/bin/python', 'benchmarks/generate.py', *sys.argv[1:]])}`\n")
+    print("| measure | haina (median) | transformers (median) | haina speedup: median of per-round ratios (min–max, "
+          "rounds) |")
     print("|---|---:|---:|---:|")
     for name, a, b, ratio in rows:
-        print(f"| {name} | {a:,.1f} | {b:,.1f} | {ratio:.2f} |")
+        print(f"| {name} | {a:,.1f} | {b:,.1f} | {ratio.text(unit='×')} |")
     print("\nspeedup > 1: haina is faster (for time to first token: transformers' time / haina's).\n")
+    if device.type == "cpu":
+        above = sum(h / t >= args.target for h, t in zip(s_h["decode_tps"], s_t["decode_tps"], strict=True))
+        print(f"Target (single-stream decode ≥ {args.target:g}× transformers on CPU): "
+              f"{'**met**' if decode.median >= args.target else '**not met**'} by the median, {decode.median:.2f}× "
+              f"over {decode.rounds} rounds (range {decode.low:.2f}–{decode.high:.2f}×; {above} of {decode.rounds} "
+              f"rounds at or above {args.target:g}×).\n")
     print(f"KV cache per token: predicted 2·{cfg.n_layer}·{cfg.kv_heads}·{cfg.head_dim}·"
           f"{torch.empty((), dtype=dtype).element_size()} = {per_token:,} B; engine allocates "
           f"{engine_per_token:,.0f} B per slot-token ({engine.cache.bytes / 2**20:.1f} MiB for 4 × "
@@ -281,8 +302,8 @@ def main() -> None:
         bound = bw / (weight_bytes + kv_read)
         print(f"memory bandwidth (device copy): {bw / 1e9:,.0f} GB/s; bytes per decode token: weights "
               f"{weight_bytes / 2**20:.1f} MiB + KV {kv_read / 2**20:.2f} MiB → bound {bound:,.0f} tokens/s; "
-              f"haina decode reaches {s_h['decode_tps'] / bound:.1%} of it, transformers "
-              f"{s_t['decode_tps'] / bound:.1%}")
+              f"haina decode reaches {statistics.median(s_h['decode_tps']) / bound:.1%} of it, transformers "
+              f"{statistics.median(s_t['decode_tps']) / bound:.1%}")
 
 
 if __name__ == "__main__":

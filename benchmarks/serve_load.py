@@ -6,11 +6,22 @@ the rest wait in the queue). Both stay up, but only one has work at any time (an
 on its queue), so they never share the CPU; they take turns at each N, so that both see the machine
 in about the same state. N concurrent clients (a closed loop: each client sends its next request
 as soon as its last one finished) work through the same seeded list of requests, N in --concurrency.
-Each server runs once per torch thread count in --threads (default: all cores but one, and all cores),
-and the summary compares each server at its fastest count. Neither count suits both: a batched step
-has enough work for every core, while a one-token step does not, and its threads then wait on the
-cores that the clients and the server's HTTP thread are using (on 2 cores, the one-at-a-time server
-was 10-15% slower with 2 threads than with 1, the batching server about 20% faster).
+
+Measured in --rounds interleaved rounds: each round runs every server at every torch thread count
+in --threads (default: all cores but one, and all cores) at every N, one after the other (the order
+reversed in every other round, so that neither server always goes first). A ratio is taken within
+each round, between runs made minutes apart at most, and reported as its median over the rounds
+with its minimum, maximum and the number of rounds; the per-run tables give each metric's median
+over the rounds. Nothing is a best-of: the best continuous run over the best batch-1 run would
+measure the noise of a shared machine as much as the servers.
+
+The ratio is reported for every pair of thread counts. The pair that the target is judged on is
+fixed before the run (--target-threads; default: the continuous server at all cores, the batch-1
+server at all cores but one; --only-target-threads runs each server at its own count only, which
+halves the run), from what earlier runs showed: a batched step has enough work for
+every core, while a one-token step does not, and its threads then wait on the cores that the
+clients and the server's HTTP thread are using (on 2 cores, the one-at-a-time server was 10-15%
+slower with 2 threads than with 1, the batching server about 20% faster).
 
 Requests go to /v1/completions with the prompt as token ids, so prompt lengths are exact
 (uniform in --prompt-len), and `ignore_eos` so that every answer runs to its `max_tokens`
@@ -22,14 +33,14 @@ Every request streams (server-sent events), which gives, per request:
 - TPOT, time per output token: (end-to-end - TTFT) / (output tokens - 1);
 - end-to-end latency: from sending to `data: [DONE]`;
 and per run, requests/s and output tokens/s over the wall time of the run. One warm-up request
-per server comes first and is not counted. With --repeats R the servers alternate R times at each N
-and the tables keep each server's fastest run (on a shared machine, the one least disturbed).
+per server comes first and is not counted.
 
 The model: the `small` preset (about 10 M parameters) with random weights and a byte-level BPE
 tokenizer trained on ../shared/data/tinyshakespeare.txt if present, else on the Python standard
 library's documentation (nothing is downloaded); or any checkpoint with --checkpoint.
 
-    .venv/bin/python benchmarks/serve_load.py            # small preset, 1/4/16/32 clients
+    .venv/bin/python benchmarks/serve_load.py            # small preset, 1/4/16/32 clients, 3 rounds
+    .venv/bin/python benchmarks/serve_load.py --concurrency 16 --rounds 5
     .venv/bin/python benchmarks/serve_load.py --quick    # a smoke run in well under a minute
     .venv/bin/python benchmarks/serve_load.py --engine-alone   # plus the same loads without HTTP
 """
@@ -43,6 +54,7 @@ import json
 import os
 import platform
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -53,6 +65,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import torch
+from rounds import Spread, cpu_model, load_average, ratios, round_order
 
 from haina.generate.engine import Engine
 from haina.generate.sampling import SamplingParams
@@ -214,43 +227,60 @@ def summarize(results: list[Result], wall: float) -> dict:
 
 
 # --------------------------------------------------------------------------------- report
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+Key = tuple[str, int, int]  # (server, torch threads, clients)
 
 
-def fastest(stats: dict, name: str, n: int, threads: list[int]) -> tuple[int, dict]:
-    """The thread count at which server `name` had the most output tok/s with n clients, and its stats."""
-    t = max(threads, key=lambda t: stats[name, t, n]["tok_s"])
-    return t, stats[name, t, n]
+def _median(runs: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in runs)
 
 
-def print_tables(stats: dict, levels: list[int], names: list[tuple[str, int]], threads: list[int]) -> None:
-    print("| server | torch threads | clients | requests | TTFT p50 (ms) | TTFT p99 (ms) | TPOT p50 (ms) "
-          "| TPOT p99 (ms) | end-to-end p50 (s) | end-to-end p99 (s) | req/s | output tok/s |")
+def print_runs(runs: dict[Key, list[dict]], levels: list[int], threads: dict[str, list[int]]) -> None:
+    """One row per server, thread count and N: each metric's median over the rounds."""
+    print("| server | torch threads | clients | requests per round | TTFT p50 (ms) | TTFT p99 (ms) | TPOT p50 (ms) "
+          "| TPOT p99 (ms) | end-to-end p50 (s) | end-to-end p99 (s) | req/s | output tok/s: median (min–max, rounds) |")
     print("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|")
-    for name, mbs in names:
-        for t in threads:
+    for name, mbs in SERVERS:
+        for t in threads[name]:
             for n in levels:
-                s = stats[name, t, n]
-                failed = f" ({s['failed']} failed)" if s["failed"] else ""
-                print(f"| {name} (max batch {mbs}) | {t} | {n} | {s['requests']}{failed} | {s['ttft_p50']:.0f} | "
-                      f"{s['ttft_p99']:.0f} | {s['tpot_p50']:.1f} | {s['tpot_p99']:.1f} | {s['e2e_p50']:.2f} | "
-                      f"{s['e2e_p99']:.2f} | {s['req_s']:.2f} | {s['tok_s']:.0f} |")
-    (a, _), (b, _) = names
-    print("\nEach server at its fastest thread count (in brackets) for each number of clients:\n")
-    print(f"| clients | {a} output tok/s | {b} output tok/s | {a} TTFT p99 (ms) | {b} TTFT p99 (ms) "
-          f"| output tok/s ratio ({a} / {b}) |")
-    print("|--:|--:|--:|--:|--:|--:|")
+                rs = runs[name, t, n]
+                failed = sum(r["failed"] for r in rs)
+                failed_text = f" ({failed} failed in all)" if failed else ""
+                tok = Spread.of([r["tok_s"] for r in rs])
+                print(f"| {name} (max batch {mbs}) | {t} | {n} | {rs[0]['requests']}{failed_text} | "
+                      f"{_median(rs, 'ttft_p50'):.0f} | {_median(rs, 'ttft_p99'):.0f} | {_median(rs, 'tpot_p50'):.1f} | "
+                      f"{_median(rs, 'tpot_p99'):.1f} | {_median(rs, 'e2e_p50'):.2f} | {_median(rs, 'e2e_p99'):.2f} | "
+                      f"{_median(rs, 'req_s'):.2f} | {tok.text('.0f')} |")
+
+
+def print_ratios(tok_s: dict[Key, list[float]], ttft_p99: dict[Key, list[float]] | None, levels: list[int],
+                 threads: dict[str, list[int]], target_pair: tuple[int, int]) -> None:
+    """The ratio of output tok/s for every pair of thread counts: median of the per-round ratios, with its range."""
+    (a, _), (b, _) = SERVERS
+    ttft_cols = f" {a} TTFT p99 (ms) | {b} TTFT p99 (ms) |" if ttft_p99 else ""
+    print(f"| clients | {a} threads | {b} threads | {a} output tok/s | {b} output tok/s |{ttft_cols} "
+          f"output tok/s ratio ({a} / {b}): median (min–max, rounds) |")
+    print("|--:|--:|--:|--:|--:|" + ("--:|--:|" if ttft_p99 else "") + "--:|")
     for n in levels:
-        (ta, sa), (tb, sb) = fastest(stats, a, n, threads), fastest(stats, b, n, threads)
-        print(f"| {n} | {sa['tok_s']:.0f} [{ta}] | {sb['tok_s']:.0f} [{tb}] | {sa['ttft_p99']:.0f} | "
-              f"{sb['ttft_p99']:.0f} | **{sa['tok_s'] / sb['tok_s']:.2f}×** |")
+        for ta in threads[a]:
+            for tb in threads[b]:
+                pair = " (target pair)" if (ta, tb) == target_pair and len(threads[a]) * len(threads[b]) > 1 else ""
+                ttft = (f" {statistics.median(ttft_p99[a, ta, n]):.0f} | {statistics.median(ttft_p99[b, tb, n]):.0f} |"
+                        if ttft_p99 else "")
+                print(f"| {n} | {ta} | {tb}{pair} | {statistics.median(tok_s[a, ta, n]):.0f} | "
+                      f"{statistics.median(tok_s[b, tb, n]):.0f} |{ttft} "
+                      f"{ratios(tok_s[a, ta, n], tok_s[b, tb, n]).text(unit='×')} |")
+
+
+def target_line(tok_s: dict[Key, list[float]], n: int, pair: tuple[int, int], target: float) -> str:
+    """Whether the median per-round ratio at n clients, for the pair fixed before the run, reaches the target."""
+    (a, _), (b, _) = SERVERS
+    per_round = [x / y for x, y in zip(tok_s[a, pair[0], n], tok_s[b, pair[1], n], strict=True) if y]
+    sp = Spread.of(per_round)
+    verdict = "**met**" if sp.median >= target else "**not met**"
+    above = sum(x >= target for x in per_round)
+    return (f"Target: at {n} clients, output tok/s ≥ {target:g}× the {b} server (torch threads: {a} {pair[0]}, "
+            f"{b} {pair[1]}, fixed before the run): {verdict} by the median, {sp.median:.2f}× over {sp.rounds} "
+            f"rounds (range {sp.low:.2f}–{sp.high:.2f}×; {above} of {sp.rounds} rounds at or above {target:g}×).")
 
 
 # --------------------------------------------------------------------------------- main
@@ -267,17 +297,24 @@ def main() -> None:
     p.add_argument("--output-len", type=int, nargs=2, default=[32, 128], metavar=("MIN", "MAX"))
     cores = os.cpu_count() or 2
     p.add_argument("--threads", type=int, nargs="+", default=sorted({max(1, cores - 1), cores}),
-                   help="torch thread counts: each server runs at each, and the summary compares each at its fastest "
-                        "(default: all cores but one, which leaves one for the clients and the HTTP thread, and all "
-                        "cores)")
-    p.add_argument("--repeats", type=int, default=1,
-                   help="runs per server and N, the two servers alternating; the tables keep each one's fastest")
+                   help="torch thread counts: every round runs each server at each (default: all cores but one, which "
+                        "leaves one for the clients and the HTTP thread, and all cores)")
+    p.add_argument("--target-threads", type=int, nargs=2, default=None, metavar=("CONTINUOUS", "BATCH1"),
+                   help="the thread counts the target is judged at, fixed before the run (default: the most and the "
+                        "fewest of --threads)")
+    p.add_argument("--only-target-threads", action="store_true",
+                   help="run each server only at its --target-threads count, not at every count in --threads")
+    p.add_argument("--target", type=float, default=4.0, help="the target ratio at --target-clients")
+    p.add_argument("--target-clients", type=int, default=16)
+    p.add_argument("--rounds", "--repeats", type=int, default=3,
+                   help="interleaved rounds: each runs every server at every thread count and N once; ratios are "
+                        "taken within a round and reported as the median over the rounds with their range")
     p.add_argument("--temperature", type=float, default=0.0,
                    help="0: greedy, as vLLM's benchmark_serving does by default; > 0 adds the sampler's cost")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--engine-alone", action="store_true",
-                   help="also run the same loads on an in-process Engine (no HTTP) at max batch 32 and 1: the ceiling "
-                        "of the ratio for this model on this machine")
+                   help="also run the same loads on an in-process Engine (no HTTP) at max batch 32 and 1, in rounds "
+                        "of their own: the ceiling of the ratio for this model on this machine")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny preset, 1 and 4 clients, short requests")
     args = p.parse_args()
     if args.quick:
@@ -285,8 +322,16 @@ def main() -> None:
         args.prompt_len, args.output_len, args.requests = [8, 32], [8, 16], 4
     levels = sorted(set(args.concurrency))
     threads = sorted(set(args.threads))
-    if threads[0] < 1:
-        raise SystemExit("--threads must be at least 1")
+    if threads[0] < 1 or args.rounds < 1:
+        raise SystemExit("--threads and --rounds must be at least 1")
+    target_pair = tuple(args.target_threads) if args.target_threads else (threads[-1], threads[0])
+    if args.only_target_threads:
+        threads = sorted(set(target_pair))
+    if not set(target_pair) <= set(threads):
+        raise SystemExit(f"--target-threads {target_pair} must be among --threads {threads}")
+    (a, _), (b, _) = SERVERS
+    per_server = ({a: [target_pair[0]], b: [target_pair[1]]} if args.only_target_threads
+                  else {a: threads, b: threads})  # the thread counts each server runs at
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.checkpoint:
@@ -305,57 +350,63 @@ def main() -> None:
         loads = {n: workload(args.requests or max(16, 4 * n), args.seed + n, low_id, vocab,
                              tuple(args.prompt_len), tuple(args.output_len)) for n in levels}
 
-        stats: dict[tuple[str, int, int], dict] = {}  # (server, threads, clients) -> its fastest run
-        load_before = os.getloadavg()[0]
+        runs: dict[Key, list[dict]] = {(name, t, n): [] for name, _ in SERVERS for t in per_server[name]
+                                       for n in levels}
+        load_avgs = [load_average()]
         with ExitStack() as stack:
             urls = {(name, t): stack.enter_context(server(checkpoint, mbs, t, Path(tmp) / f"{name}-{t}.log"))
-                    for name, mbs in SERVERS for t in threads}
+                    for name, mbs in SERVERS for t in per_server[name]}
             for url in urls.values():
                 warm_up = workload(1, -1, low_id, vocab, (16, 16), (8, 8))
                 asyncio.run(run_load(url, warm_up, 1, args.temperature))
-            for n in levels:
-                for _ in range(args.repeats):
-                    for (name, t), url in urls.items():
-                        s = summarize(*asyncio.run(run_load(url, loads[n], n, args.temperature)))
-                        print(f"{name:>10}  {t} threads  {n:>2} clients: {s['requests']} requests in {s['wall']:.1f} s, "
-                              f"{s['tok_s']:.0f} output tok/s, TTFT p50 {s['ttft_p50']:.0f} ms"
+            for r in range(args.rounds):
+                for n in levels:
+                    for name, t in round_order(list(urls), r):
+                        s = summarize(*asyncio.run(run_load(urls[name, t], loads[n], n, args.temperature)))
+                        runs[name, t, n].append(s)
+                        print(f"round {r + 1}  {name:>10}  {t} threads  {n:>2} clients: {s['requests']} requests in "
+                              f"{s['wall']:.1f} s, {s['tok_s']:.0f} output tok/s, TTFT p50 {s['ttft_p50']:.0f} ms"
                               + (f", {s['failed']} FAILED: {s['errors']}" if s["failed"] else ""), file=sys.stderr)
-                        if (name, t, n) not in stats or s["tok_s"] > stats[name, t, n]["tok_s"]:
-                            stats[name, t, n] = s  # the run least disturbed by other work on the machine
+                load_avgs.append(load_average())
+                print(f"round {r + 1} of {args.rounds} done; load average {load_avgs[-1]:.1f}", file=sys.stderr)
 
-        alone: dict[tuple[str, int, int], dict] = {}
+        alone: dict[Key, list[float]] = {}
         if args.engine_alone:
             model = load_model(checkpoint)[0]
-            for n in levels:
-                for _ in range(args.repeats):
-                    for name, mbs in SERVERS:
-                        for t in threads:
-                            torch.set_num_threads(t)
-                            tok_s = engine_alone(model, loads[n], n, mbs, args.temperature)
-                            print(f"{name:>10}  {t} threads  {n:>2} clients, engine alone: {tok_s:.0f} output tok/s",
-                                  file=sys.stderr)
-                            if tok_s > alone.get((name, t, n), {"tok_s": 0.0})["tok_s"]:
-                                alone[name, t, n] = {"tok_s": tok_s}
+            order = [(name, mbs, t) for name, mbs in SERVERS for t in per_server[name]]
+            for r in range(args.rounds):
+                for n in levels:
+                    for name, mbs, t in round_order(order, r):
+                        torch.set_num_threads(t)
+                        tok_s = engine_alone(model, loads[n], n, mbs, args.temperature)
+                        alone.setdefault((name, t, n), []).append(tok_s)
+                        print(f"round {r + 1}  {name:>10}  {t} threads  {n:>2} clients, engine alone: {tok_s:.0f} "
+                              f"output tok/s", file=sys.stderr)
+            load_avgs.append(load_average())
 
     # Other work on the machine slows both servers, but not equally: say how busy it was.
-    print(f"\n{datetime.date.today()} · {_cpu_name()} ({os.cpu_count()} cores; torch threads "
-          f"{' and '.join(map(str, threads))}; servers take turns, best of {args.repeats}; load average "
-          f"{load_before:.1f} before, {os.getloadavg()[0]:.1f} after) · torch {torch.__version__} · "
-          f"Python {platform.python_version()}")
+    thread_text = "; ".join(f"{name} at {' and '.join(map(str, ts))}" for name, ts in per_server.items())
+    print(f"\n{datetime.date.today()} · {cpu_model()} ({os.cpu_count()} cores; torch threads: {thread_text}; "
+          f"{args.rounds} interleaved rounds, medians over rounds; load average "
+          f"{load_avgs[0]:.1f} before, {load_avgs[-1]:.1f} after, {min(load_avgs):.1f}–{max(load_avgs):.1f} between "
+          f"rounds) · torch {torch.__version__} · Python {platform.python_version()}")
+    print(f"Command: `{' '.join(['.venv/bin/python', 'benchmarks/serve_load.py', *sys.argv[1:]])}`")
     print(f"Model: {what}. Workload: prompts {args.prompt_len[0]}–{args.prompt_len[1]} tokens, "
           f"max_tokens {args.output_len[0]}–{args.output_len[1]} with ignore_eos, temperature {args.temperature:g}, streaming "
           f"/v1/completions; closed loop, the same seeded requests for both servers.\n")
-    print_tables(stats, levels, list(SERVERS), threads)
+    print_runs(runs, levels, per_server)
+    tok_s = {k: [r["tok_s"] for r in v] for k, v in runs.items()}
+    ttft = {k: [r["ttft_p99"] for r in v] for k, v in runs.items()}
+    print("\nThe ratio within each round, for each pair of thread counts (tok/s and TTFT: medians over rounds):\n")
+    print_ratios(tok_s, ttft, levels, per_server, target_pair)
     if alone:
-        (a, ma), (b, mb) = SERVERS
-        print(f"\nThe same loads on an in-process Engine, without HTTP (max batch {ma} and {mb}), each at its fastest "
-              f"thread count (in brackets):\n")
-        print(f"| clients | {a} output tok/s | {b} output tok/s | ratio ({a} / {b}) |")
-        print("|--:|--:|--:|--:|")
-        for n in levels:
-            (ta, sa), (tb, sb) = fastest(alone, a, n, threads), fastest(alone, b, n, threads)
-            print(f"| {n} | {sa['tok_s']:.0f} [{ta}] | {sb['tok_s']:.0f} [{tb}] | "
-                  f"**{sa['tok_s'] / sb['tok_s']:.2f}×** |")
+        (_, ma), (_, mb) = SERVERS
+        print(f"\nThe same loads on an in-process Engine, without HTTP (max batch {ma} and {mb}), in rounds of their "
+              f"own:\n")
+        print_ratios(alone, None, levels, per_server, target_pair)
+    if args.target_clients in levels:
+        print()
+        print(target_line(tok_s, args.target_clients, target_pair, args.target))
 
 
 if __name__ == "__main__":
