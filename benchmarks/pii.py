@@ -32,7 +32,8 @@ import re
 import string
 import time
 from collections import Counter
-from pathlib import Path
+
+from rounds import Spread, cpu_model
 
 from haina.data.prepare.pii import KINDS, find_pii, scrub_pii
 
@@ -500,25 +501,15 @@ def score(docs: list[Doc]) -> tuple[dict, dict, list]:
     return per, near, errors
 
 
-def throughput(texts: list[str], repeat: int = 3) -> float:
-    """Documents per CPU second through `scrub_pii` (best of `repeat`)."""
-    best = float("inf")
-    for _ in range(repeat):
+def throughput(texts: list[str], rounds: int = 5) -> Spread:
+    """Documents per CPU second through `scrub_pii`: the median over `rounds` passes, with its range."""
+    rates = []
+    for _ in range(rounds):
         t = time.process_time()
         for text in texts:
             scrub_pii(text)
-        best = min(best, time.process_time() - t)
-    return len(texts) / max(best, 1e-9)
-
-
-def machine() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        rates.append(len(texts) / max(time.process_time() - t, 1e-9))
+    return Spread.of(rates)
 
 
 def main() -> None:
@@ -533,7 +524,7 @@ def main() -> None:
     per, near, errors = score(docs)
     texts = [d.text for d in docs]
     cn = sum(bool(re.search("[\u4e00-\u9fff]", t)) for t in texts)
-    print(f"#### PII scrubbing ({datetime.date.today()}, {machine()}, Python {platform.python_version()})\n")
+    print(f"#### PII scrubbing ({datetime.date.today()}, {cpu_model()}, Python {platform.python_version()})\n")
     print(f"{args.docs:,} generated documents ({cn:,} Chinese, {args.docs - cn:,} English), seed {args.seed}; "
           "strict span match (same kind, same start and end).\n")
     print("| kind | planted | predicted | correct | precision | recall | target |\n|---|---:|---:|---:|---:|---:|---|")
@@ -555,7 +546,7 @@ def main() -> None:
     print("\n| scrubber alone (`scrub_pii`, one core, CPU time) | chars/doc | docs/s | MB/s |\n|---|---:|---:|---:|")
     for name, corpus in (("benchmark documents (PII and near misses)", texts), ("PII-free prose", plain)):
         rate, chars = throughput(corpus), sum(map(len, corpus)) / len(corpus)
-        print(f"| {name} | {chars:,.0f} | {rate:,.0f} | {rate * chars / 1e6:.1f} |")
+        print(f"| {name} | {chars:,.0f} | {rate.text(',.0f')} | {rate.median * chars / 1e6:.1f} |")
     if args.errors:
         print(f"\n{len(errors)} errors; the first {args.errors}:")
     for tag, k, value, context in errors[:args.errors]:

@@ -29,13 +29,23 @@ async def sse(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
     """
     try:
         async for chunk in chunks:
-            yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+            yield f"data: {_event_json(chunk)}\n\n"
     except Exception as e:  # noqa: BLE001 - reported to the client in the stream, and logged
         status = getattr(e, "status", 500)
         if status >= 500 and not isinstance(e, Cancelled):  # a timeout or a drain is no fault to trace
             logger.exception("error while streaming")
         yield f"data: {json.dumps(error_body(status, getattr(e, 'message', None) or str(e)))}\n\n"
     yield "data: [DONE]\n\n"
+
+
+# JSON leaves these unescaped, but line readers built on str.splitlines (httpx's iter_lines among them) end a
+# line at each, cutting an event whose generated text holds one in two. Escaped, the JSON means the same.
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def _event_json(chunk: dict[str, Any]) -> str:
+    """One event's JSON on one line for every line reader: UTF-8 text, Unicode line separators escaped."""
+    return json.dumps(chunk, ensure_ascii=False).translate(_LINE_BREAKS)
 
 
 class _Format:
