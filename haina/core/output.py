@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from haina.core.errors import HainaError
+from haina.core.io import _UMASK
 
 MANIFEST = "haina-manifest.json"
 
@@ -114,6 +115,9 @@ def check_output(out: str | os.PathLike, command: str, *, inputs: Iterable[str |
     """
     out = Path(out)
     inputs = list(inputs)
+    if out.name in ("", ".."):  # ".", "..", "/": the new output is built beside `out`, under a name made from its own
+        raise HainaError(f"--out {out} names no directory of its own; give the directory by its name (a path ending "
+                         "in it)")
     if out.exists() and not out.is_dir():
         raise HainaError(f"--out {out} is a file, not a directory; choose another --out")
     overlap = _overlap(out, inputs)
@@ -169,6 +173,7 @@ def output_dir(out: str | os.PathLike, command: str, *, inputs: Iterable[str | o
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.haina-new-", dir=out.parent))
     try:
+        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes it 0700; give it the mode a plain mkdir would
         yield tmp
         publish(tmp, out, command, inputs=inputs, overwrite=overwrite, extra=extra)
     finally:

@@ -340,7 +340,7 @@ def _finalize(out: Path, writers: dict[str, _ShardWriter], tokenizer: Tokenizer,
         try:
             old = read_json(old_meta)
             old_shards = [n for s in old.get("splits", {}).values() for n in s.get("shards", [])]
-        except (ValueError, AttributeError, TypeError):
+        except (HainaError, AttributeError, TypeError):  # unreadable: no dataset left to keep consistent
             pass
         old_meta.unlink()
     new_names = {dst.name for _, dst in renames}

@@ -218,22 +218,24 @@ class Gate:
         if self.keys and not public and not self._authorized(scope):
             return await reply(_error(401, "invalid or missing API key; send 'Authorization: Bearer <key>'",
                                       type="authentication_error"))
-        body, too_big = await self._read_body(scope, receive)
-        if too_big:
-            return await reply(_error(413, f"the request body exceeds the limit of {self.limit} bytes"))
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
+        # Counted before the body is read (an await): a drain starting meanwhile must wait for this request,
+        # which passed the drain check, rather than exit under it.
         if not public:
             self.drain.in_flight += 1
             self.service.metrics.in_flight.inc()
         try:
+            body, too_big = await self._read_body(scope, receive)
+            if too_big:
+                return await reply(_error(413, f"the request body exceeds the limit of {self.limit} bytes"))
+            replayed = False
+
+            async def replay():
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()
+
             await self.app(scope, replay, send_counted)
         except Exception:  # noqa: BLE001 - the last line of defence: a 500 in the OpenAI shape, logged
             logger.exception("unhandled error")

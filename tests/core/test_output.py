@@ -179,3 +179,31 @@ def test_partial_dir(tmp_path):
         with pytest.raises(HainaError, match="not made by"):
             partial_dir(tmp_path / "other", "x", keep=keep)
     assert (tmp_path / ".other.haina-partial" / "mine.txt").read_text() == "keep"
+
+
+def test_output_dir_gets_the_mode_a_plain_mkdir_would(tmp_path):
+    # mkdtemp makes 0700 directories: a data or tokenizer directory must stay readable as a plain mkdir makes it.
+    (tmp_path / "plain").mkdir()
+    with output_dir(tmp_path / "out", "x") as tmp:
+        (tmp / "a.txt").write_text("1")
+    assert (tmp_path / "out").stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777 != 0o700
+
+
+@pytest.mark.parametrize("name", [".", "..", "/"])
+def test_an_out_without_a_name_of_its_own_is_refused(tmp_path, monkeypatch, name):
+    # "--out ." has no name to build beside: the new directory would be made inside the output itself.
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
+    before = tree(tmp_path)
+    with pytest.raises(HainaError, match="name"), output_dir(name, "x", overwrite=True):
+        pytest.fail("the body must not run")
+    assert tree(tmp_path) == before
+
+
+def test_atomic_dir_gets_the_mode_a_plain_mkdir_would(tmp_path):
+    from haina.core.io import atomic_dir
+
+    (tmp_path / "plain").mkdir()
+    with atomic_dir(tmp_path / "ckpt") as tmp:
+        (tmp / "a.txt").write_text("1")
+    assert (tmp_path / "ckpt").stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777 != 0o700

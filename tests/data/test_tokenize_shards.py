@@ -182,3 +182,10 @@ def test_rewrite_replaces_old_dataset(tmp_path):
 def test_bad_arguments(tmp_path):
     with pytest.raises(HainaError, match="val_fraction"):
         tokenize_to_shards(["x"], _tok(), tmp_path, val_fraction=1.0)
+
+
+def test_a_damaged_earlier_meta_json_is_replaced(tmp_path):
+    # The library call writes into an existing directory: an unreadable earlier meta.json is no dataset to keep.
+    (tmp_path / "meta.json").write_text("{not json")
+    meta = tokenize_to_shards(_docs(10), _tok(), tmp_path, val_fraction=0.2)
+    assert json.loads((tmp_path / "meta.json").read_text()) == meta
