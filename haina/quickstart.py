@@ -45,10 +45,11 @@ def quickstart(out: str = "runs/quickstart", max_minutes: float = 5.0, vocab_siz
     from haina.data.stdlib_corpus import write_stdlib_corpus
     from haina.data.text_input import iter_documents
     from haina.data.tokenize import tokenize_to_shards
+    from haina.generate.chat import DEFAULT_CHAT_TEMPLATE, IM_END, IM_START
+    from haina.tokenizer.tokenizer import EOT
     from haina.tokenizer.train import train_bpe
     from haina.train.config import PretrainConfig
-    from haina.train.pretrain import find_recipe
-    from haina.train.trainer import run_pretrain
+    from haina.train.pretrain import find_recipe, run_pretrain
 
     if max_minutes <= 0:
         raise HainaError("--max-minutes must be positive")
@@ -71,7 +72,11 @@ def quickstart(out: str = "runs/quickstart", max_minutes: float = 5.0, vocab_siz
     info(f"      kept {kept:,} of {prep_report['documents']['in']:,} documents (report: {run / 'prepared' / 'report.md'})")
 
     info(f"[3/6] training a byte-level BPE tokenizer (vocab {vocab_size})")
-    tokenizer = train_bpe(iter_documents([str(run / "prepared" / "train")]), vocab_size=vocab_size)
+    # The chat markers are reserved now so that the model can later be fine-tuned to chat (`haina finetune sft`)
+    # with ChatML, whose turn markers must be single special tokens the vocabulary already holds.
+    tokenizer = train_bpe(iter_documents([str(run / "prepared" / "train")]), vocab_size=vocab_size,
+                          special_tokens=(EOT, IM_START, IM_END))
+    tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
     with output_dir(run / "tokenizer", "tokenizer train", inputs=[run / "prepared"]) as tmp:
         tokenizer.save(tmp)
 

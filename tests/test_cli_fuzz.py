@@ -67,7 +67,23 @@ def world(tmp_path_factory) -> Path:
         assert main([str(a) for a in argv]) == 0, argv
     shutil.copytree(root / CKPT, root / "ckpt")
     _zst_and_parquet(root)
+    _finetuning(root, lines)
     return root
+
+
+def _finetuning(root: Path, lines: list[str]) -> None:
+    """Chat and preference records, and a LoRA run (for merge and export peft) made by `finetune sft`."""
+    with open(root / "sft.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({"messages": [{"role": "user", "content": lines[i][:8]},
+                                              {"role": "assistant", "content": lines[i + 1][:8]}]}) + "\n"
+                     for i in range(0, 80, 2))
+    with open(root / "prefs.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({"prompt": lines[i][:8], "chosen": lines[i + 1][:6], "rejected": lines[i + 2][:6]})
+                     + "\n" for i in range(0, 90, 3))
+    tiny = ["--train.max_steps=1", "--train.batch_size=2", "--train.warmup_steps=0", "--train.device=cpu",
+            "--train.tensorboard=false", "--train.eval_batches=1"]
+    assert main(["finetune", "sft", "--base", str(root / "ckpt"), "--data", str(root / "sft.jsonl"), "--out",
+                 str(root / "lora"), "--lora.r=2", *tiny]) == 0
 
 
 def _zst_and_parquet(root: Path) -> None:
@@ -127,6 +143,13 @@ def flip(p: Path) -> None:
     data = bytearray(p.read_bytes())
     data[len(data) // 2] ^= 0xFF
     p.write_bytes(bytes(data))
+
+
+def no_answers(p: Path) -> None:
+    """Valid JSON records, none of them usable: no assistant turn to learn from."""
+    _clear(p)
+    p.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"}]}) + "\n" for i in range(5)),
+                 encoding="utf-8")
 
 
 def remove(p: Path) -> None:
@@ -345,6 +368,59 @@ CASES += [
     _case("quickstart-out-is-file", "quickstart --out {c}/out --max-minutes 0.5", "", [(to_file, "out")], "out"),
     _case("quickstart-out-under-file", "quickstart --out {c}/f/out --max-minutes 0.5", "", [(to_file, "f")], "f"),
     _case("quickstart-bad-override", "quickstart --out {c}/out --max-minutes 0.5 --train.lr=[1,", "", (), "train.lr"),
+    # data instruct: its one source must be asked for.
+    _case("instruct-no-source", "data instruct --out {c}/out", "", (), "--from-stdlib"),
+    _case("instruct-out-is-file", "data instruct --from-stdlib --out {c}/out", "", [(to_file, "out")], "out"),
+    # fine-tuning: records, shards, bases, teachers and LoRA runs.
+    *[_case(f"sft-{name}", "finetune sft --base {c}/ckpt --data {c}/sft.jsonl --out {c}/out" + extra,
+            "ckpt sft.jsonl recipe.yaml", [(breaker, path)] if breaker else [], expect)
+      for name, extra, breaker, path, expect in [
+          ("data-garbage", "", garbage, "sft.jsonl", "sft.jsonl"),
+          ("data-no-answers", "", no_answers, "sft.jsonl", "no assistant"),
+          ("data-empty", "", empty, "sft.jsonl", "sft.jsonl"),
+          ("data-unreadable", "", unreadable, "sft.jsonl", "sft.jsonl"),
+          ("data-dir-empty", "", to_dir, "sft.jsonl", "sft.jsonl"),
+          ("base-weights-truncated", "", truncate, "ckpt/model.safetensors", "model.safetensors"),
+          ("base-config-flipped", "", flip, "ckpt/config.yaml", "config.yaml"),
+          ("base-is-file", "", to_file, "ckpt", "ckpt"),
+          ("recipe-garbage", " --config {c}/recipe.yaml", garbage, "recipe.yaml", "recipe.yaml"),
+          ("recipe-has-model", " --config {c}/recipe.yaml", None, "", "model"),
+          ("bad-override", " --lora.r=[1,", None, "", "lora.r"),
+          ("lora-targets-nothing", " --lora.r=2 --lora.targets=gate", None, "", "targets"),
+          ("out-is-file", "", to_file, "out", "out")]],
+    *[_case(f"dpo-{name}", "finetune dpo --base {c}/ckpt --data {c}/prefs.jsonl --out {c}/out", "ckpt prefs.jsonl",
+            [(breaker, path)], expect)
+      for name, breaker, path, expect in [
+          ("data-garbage", garbage, "prefs.jsonl", "prefs.jsonl"),
+          ("data-empty", empty, "prefs.jsonl", "prefs.jsonl"),
+          ("data-unreadable", unreadable, "prefs.jsonl", "prefs.jsonl"),
+          ("base-weights-flipped", flip, "ckpt/model.safetensors", "model.safetensors"),
+          ("out-is-file", to_file, "out", "out")]],
+    *[_case(f"continue-{name}", "finetune continue --base {c}/ckpt --data {c}/data --out {c}/out", "ckpt data",
+            [(breaker, path)], expect)
+      for name, breaker, path, expect in [
+          ("meta-garbage", garbage, "data/meta.json", "meta.json"),
+          ("shard-truncated", truncate, "data/train-00000.bin", "shard"),
+          ("data-is-file", to_file, "data", "data"),
+          ("base-weights-truncated", truncate, "ckpt/model.safetensors", "model.safetensors"),
+          ("out-is-file", to_file, "out", "out")]],
+    *[_case(f"distill-{name}", "finetune distill --teacher {c}/ckpt --preset tiny --data {c}/data --out {c}/out",
+            "ckpt data", [(breaker, path)], expect)
+      for name, breaker, path, expect in [
+          ("teacher-weights-truncated", truncate, "ckpt/model.safetensors", "model.safetensors"),
+          ("teacher-tokenizer-garbage-no-sums", garbage, "ckpt/tokenizer/tokenizer.json", "tokenizer.json"),
+          ("meta-garbage", garbage, "data/meta.json", "meta.json"),
+          ("out-is-file", to_file, "out", "out")]],
+    *[_case(f"{cmd.replace(' ', '-')}-{name}", f"{cmd} --checkpoint {{c}}/lora --out {{c}}/out", "lora ckpt",
+            [(breaker, path)], expect)
+      for cmd in ("finetune merge", "export peft")
+      for name, breaker, path, expect in [
+          ("adapter-truncated", truncate, "lora/checkpoints/step-0000001/adapter.safetensors", "adapter.safetensors"),
+          ("adapter-config-bad-json", bad_json, "lora/checkpoints/step-0000001/adapter_config.json",
+           "adapter_config.json"),
+          ("index-garbage", garbage, "lora/checkpoints/index.json", "index.json"),
+          ("run-is-file", to_file, "lora", "lora"),
+          ("out-is-file", to_file, "out", "out")]],
     # generate's prompts file.
     *[_case(f"generate-prompts-{name}", "generate --checkpoint {c}/ckpt --prompts-file {c}/prompts" + ext +
             " --max-new-tokens 2", "ckpt", [(breaker, "prompts" + ext)], "prompts")

@@ -14,11 +14,27 @@ from tqdm import tqdm
 logger = logging.getLogger("haina")
 
 
+class _Stderr(logging.StreamHandler):
+    """A handler writing to whatever `sys.stderr` is when it writes, not what it was when logging was set up.
+
+    Test runners and `contextlib.redirect_stderr` swap `sys.stderr`; a handler that kept the first one would
+    write into a capture that has since been closed, and every later message would be lost.
+    """
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it; the property decides
+        pass
+
+
 def setup_logging(debug: bool = False) -> None:
     """Log `haina.*` to stderr; INFO by default, DEBUG with --debug."""
     if logger.handlers:
         return
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _Stderr()
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if debug else logging.INFO)

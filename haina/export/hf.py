@@ -20,18 +20,10 @@ from haina.core.io import write_json, write_text
 from haina.core.log import info
 from haina.core.output import check_output, output_dir
 from haina.model.checkpoint import load_model, save_model
-from haina.model.hf import (
-    DTYPES,
-    from_hf_config,
-    from_hf_state_dict,
-    load_hf_weights,
-    read_hf_config,
-    to_hf_config,
-    to_hf_state_dict,
-)
+from haina.model.hf import DTYPES, read_hf_config, to_hf_config, to_hf_state_dict
+from haina.model.hf_import import import_hf, load_hf_tokenizer  # noqa: F401 (re-exported: the import half lives in model)
 from haina.model.transformer import Transformer
 from haina.tokenizer import Tokenizer
-from haina.tokenizer.tokenizer import EOT, read_tokenizer_config, read_tokenizer_file
 
 EXPORT, IMPORT = "export hf", "import hf"  # the names in the manifests of their outputs
 
@@ -88,99 +80,6 @@ def _special_ids(tokenizer: Tokenizer | None) -> dict[str, int | None]:
     if tokenizer is None:
         return {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None}
     return {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
-
-
-# ---------------------------------------------------------------------------------------- import
-def import_hf(path: str | Path) -> tuple[Transformer, Tokenizer | None]:
-    """Load a local `transformers` Llama-family or GPT-2 directory as a haina model (fp32) and tokenizer."""
-    path = Path(path)
-    if not path.is_dir():
-        raise HainaError(f"Hugging Face model directory not found: {path}")
-    hf = read_hf_config(path)
-    cfg = from_hf_config(hf)
-    weights = from_hf_state_dict(cfg, load_hf_weights(path))
-    _check_shapes(cfg, weights, path)
-    model = Transformer(cfg)
-    model.load_weights(weights)
-    model.eval()
-    tokenizer = load_hf_tokenizer(path, eos_token_id=hf.get("eos_token_id"))
-    if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
-        raise HainaError(f"the tokenizer in {path} has {tokenizer.vocab_size} tokens but the model only "
-                         f"{cfg.vocab_size}; they do not belong together")
-    return model, tokenizer
-
-
-def _check_shapes(cfg, weights: dict[str, torch.Tensor], path: Path) -> None:
-    """Compare the weights with the model config.json describes, built on the meta device (no memory): a damaged
-    size in config.json (a width of 10^12) is refused before a model that large is allocated."""
-    try:
-        with torch.device("meta"):
-            expected = Transformer(cfg).weights()
-    except (RuntimeError, ValueError, TypeError, OverflowError) as e:  # sizes the config accepts but torch refuses
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise HainaError(f"{path / 'config.json'} describes a model that cannot be built ({reason})") from None
-    for name, want in expected.items():
-        if name in weights and tuple(weights[name].shape) != tuple(want.shape):
-            raise HainaError(f"{path / 'config.json'} does not describe the weights beside it: {name} is "
-                             f"{tuple(weights[name].shape)} in the weights but {tuple(want.shape)} by config.json")
-
-
-def load_hf_tokenizer(path: str | Path, eos_token_id: int | list[int] | None = None) -> Tokenizer | None:
-    """The tokenizer of a `transformers` directory as a haina Tokenizer, or None when there is none.
-
-    Reads tokenizer.json directly; a directory with only slow-tokenizer files (vocab.json +
-    merges.txt, tokenizer.model) is converted through `transformers`.
-    """
-    path = Path(path)
-    cfg = read_tokenizer_config(path / "tokenizer_config.json")
-    if (path / "tokenizer.json").exists():
-        tok = read_tokenizer_file(path / "tokenizer.json")
-    elif any((path / f).is_file() for f in ("vocab.json", "tokenizer.model")):
-        from transformers import AutoTokenizer
-
-        try:
-            fast = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:  # damaged vocab/merges/model
-            raise HainaError(f"cannot read the tokenizer files in {path} ({str(e).splitlines()[0] if str(e) else e!r})"
-                             ) from None
-        if not getattr(fast, "is_fast", False):
-            info(f"tokenizer in {path} has no fast version; imported without a tokenizer")
-            return None
-        tok = fast.backend_tokenizer
-    else:
-        return None
-
-    def name(v) -> str | None:  # tokens may be stored as {"content": ...} dicts
-        v = v.get("content") if isinstance(v, dict) else v
-        return v if isinstance(v, str) and tok.token_to_id(v) is not None else None
-
-    eos = name(cfg.get("eos_token"))
-    if eos is None:
-        first = eos_token_id[0] if isinstance(eos_token_id, list) and eos_token_id else eos_token_id
-        eos = tok.id_to_token(first) if isinstance(first, int) else None
-    if eos is None and tok.token_to_id(EOT) is not None:
-        eos = EOT
-    if eos is None:
-        info(f"tokenizer in {path} names no end-of-sequence token; imported without a tokenizer")
-        return None
-    extra = [name(t) for t in (cfg.get("additional_special_tokens") or cfg.get("extra_special_tokens") or [])]
-    return Tokenizer(tok, eos_token=eos, bos_token=name(cfg.get("bos_token")), pad_token=name(cfg.get("pad_token")),
-                     chat_template=_chat_template(path, cfg), extra_special=tuple(t for t in extra if t))
-
-
-def _chat_template(path: Path, cfg: dict) -> str | None:
-    template = cfg.get("chat_template")
-    if isinstance(template, list):  # several named templates: keep the default one
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-        template = named.get("default") or next(iter(named.values()), None)
-    if template is None and (path / "chat_template.jinja").is_file():  # where transformers >= 4.51 saves it
-        try:
-            template = (path / "chat_template.jinja").read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise HainaError(f"cannot read {path / 'chat_template.jinja'}: not UTF-8 text") from None
-    if template is not None and not isinstance(template, str):
-        raise HainaError(f"the chat template in {path / 'tokenizer_config.json'} is not a string")
-    return template
 
 
 # ---------------------------------------------------------------------------------------- commands

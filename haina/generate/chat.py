@@ -21,7 +21,7 @@ from functools import lru_cache
 from haina.core.errors import HainaError
 from haina.tokenizer import Tokenizer
 
-__all__ = ["DEFAULT_CHAT_TEMPLATE", "IM_END", "IM_START", "apply_chat_template", "chat_command",
+__all__ = ["DEFAULT_CHAT_TEMPLATE", "IM_END", "IM_START", "PLAIN_CHAT_TEMPLATE", "apply_chat_template", "chat_command",
            "chat_stop_strings", "chat_stop_token_ids", "encode_chat", "ensure_chat_tokens"]
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -35,6 +35,16 @@ DEFAULT_CHAT_TEMPLATE = (
     "+ message['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# For a model whose vocabulary has no room for the ChatML markers (GPT-2's is full): plain-text headers, and the
+# tokenizer's EOS — a token every haina tokenizer has — to end each assistant turn, so the model still learns to stop.
+PLAIN_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '### ' + message['role'] | capitalize + ':\n' + message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\n\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '### Assistant:\n' }}{% endif %}"
 )
 
 
@@ -278,9 +288,9 @@ def _with_stop_ids(params, ids: list[int]):
     return replace(params, stop_token_ids=tuple(dict.fromkeys([*params.stop_token_ids, *ids])))
 
 
-def chat_command(checkpoint: str, system: str | None = None, max_new_tokens: int = 256, temperature: float = 0.7,
-                 top_p: float = 0.95, top_k: int = 0, repetition_penalty: float = 1.0, seed: int | None = None,
-                 device: str = "auto") -> int:
+def chat_command(checkpoint: str, adapter: str | None = None, system: str | None = None, max_new_tokens: int = 256,
+                 temperature: float = 0.7, top_p: float = 0.95, top_k: int = 0, repetition_penalty: float = 1.0,
+                 seed: int | None = None, device: str = "auto") -> int:
     """Chat with a checkpoint in the terminal: replies stream as they are generated.
 
     History is kept across turns (the oldest turns are dropped when the context fills). Type
@@ -288,6 +298,8 @@ def chat_command(checkpoint: str, system: str | None = None, max_new_tokens: int
 
     Args:
         checkpoint: checkpoint or training run directory (with a tokenizer).
+        adapter: a LoRA run or checkpoint directory to chat with, trained on --checkpoint (its tokenizer, with the
+            chat tokens fine-tuning may have added, is used instead of the base's).
         system: a system message that opens the conversation.
         max_new_tokens: the longest reply, in tokens.
         temperature: sampling temperature (0 = greedy).
@@ -298,6 +310,7 @@ def chat_command(checkpoint: str, system: str | None = None, max_new_tokens: int
         device: auto, cpu, cuda, cuda:1 or mps.
     """
     from haina.core.device import resolve_device
+    from haina.generate.command import check_adapter_path
     from haina.generate.engine import Engine
     from haina.generate.sampling import SamplingParams
     from haina.generate.text import TextGenerator
@@ -306,7 +319,8 @@ def chat_command(checkpoint: str, system: str | None = None, max_new_tokens: int
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                             repetition_penalty=repetition_penalty, seed=seed)
     params.validate()
-    model, tokenizer = load_model(checkpoint, device=resolve_device(device))
+    check_adapter_path(adapter)
+    model, tokenizer = load_model(checkpoint, device=resolve_device(device), adapter=adapter)
     if tokenizer is None:
         raise HainaError(f"checkpoint {checkpoint} has no tokenizer/ directory; chat needs one to read and write text")
     engine = Engine(model, max_batch_size=1, eos_token_id=tokenizer.eos_id)
@@ -315,7 +329,8 @@ def chat_command(checkpoint: str, system: str | None = None, max_new_tokens: int
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
-    print(f"chatting with {checkpoint} ({model.num_params() / 1e6:.1f}M parameters). {HELP}", flush=True)
+    what = checkpoint if adapter is None else f"{checkpoint} + adapter {adapter}"
+    print(f"chatting with {what} ({model.num_params() / 1e6:.1f}M parameters). {HELP}", flush=True)
     while True:
         try:
             user = input(">>> ")

@@ -14,7 +14,7 @@ from haina.generate.outputs import TokenLogprob
 from haina.generate.sampling import SamplingParams
 from haina.tokenizer import Tokenizer
 
-__all__ = ["generate_command", "read_prompts"]
+__all__ = ["check_adapter_path", "generate_command", "read_prompts"]
 
 _PARAM_FIELDS = {f.name for f in dataclasses.fields(SamplingParams)}
 
@@ -88,18 +88,26 @@ def _print_logprobs(tok: Tokenizer, lps: list[TokenLogprob] | None, out=sys.stdo
         print(f"  {tok.decode([lp.token_id])!r:>16} {lp.logprob:8.3f}   {alts}", file=out)
 
 
-def generate_command(checkpoint: str, prompt: str | None = None, prompts_file: str | None = None,
-                     out: str | None = None, max_new_tokens: int = 200, temperature: float = 0.8, top_k: int = 50,
-                     top_p: float = 0.95, min_p: float = 0.0, repetition_penalty: float = 1.0,
-                     presence_penalty: float = 0.0, frequency_penalty: float = 0.0, no_repeat_ngram_size: int = 0,
-                     num_beams: int = 1, length_penalty: float = 1.0, early_stopping: bool = False, n: int = 1,
-                     stop: list[str] | None = None, seed: int | None = 0, stream: bool = False,
-                     logprobs: int | None = None, ignore_eos: bool = False, batch_size: int = 16,
+def check_adapter_path(adapter: str | None) -> None:
+    """A mistyped --adapter is named as such (loading would call it a missing checkpoint)."""
+    if adapter is not None and not Path(adapter).exists():
+        raise HainaError(f"--adapter {adapter} not found; point it at a LoRA run or checkpoint directory")
+
+
+def generate_command(checkpoint: str, adapter: str | None = None, prompt: str | None = None,
+                     prompts_file: str | None = None, out: str | None = None, max_new_tokens: int = 200,
+                     temperature: float = 0.8, top_k: int = 50, top_p: float = 0.95, min_p: float = 0.0,
+                     repetition_penalty: float = 1.0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                     no_repeat_ngram_size: int = 0, num_beams: int = 1, length_penalty: float = 1.0,
+                     early_stopping: bool = False, n: int = 1, stop: list[str] | None = None, seed: int | None = 0,
+                     stream: bool = False, logprobs: int | None = None, ignore_eos: bool = False, batch_size: int = 16,
                      device: str = "auto") -> int:
     """Generate text from a checkpoint: one --prompt, or a --prompts-file processed in batches.
 
     Args:
         checkpoint: checkpoint or training run directory (with a tokenizer).
+        adapter: a LoRA run or checkpoint directory to generate with, trained on --checkpoint (its tokenizer, when
+            it saved one, is used instead of the base's).
         prompt: the text to continue.
         prompts_file: .txt (one prompt per line) or .jsonl (objects with a 'prompt' field and optional 'stop',
             'id' and sampling options); writes JSONL results to --out or stdout.
@@ -145,7 +153,8 @@ def generate_command(checkpoint: str, prompt: str | None = None, prompts_file: s
     base.validate()  # before loading the model: bad options fail fast
     specs = read_prompts(prompts_file) if prompts_file is not None else [{"prompt": prompt}]
     plist = [_params_for(s, base, f"{prompts_file}:prompt {i + 1}: ") for i, s in enumerate(specs)]
-    model, tokenizer = load_model(checkpoint, device=resolve_device(device))
+    check_adapter_path(adapter)
+    model, tokenizer = load_model(checkpoint, device=resolve_device(device), adapter=adapter)
     if tokenizer is None:
         raise HainaError(f"checkpoint {checkpoint} has no tokenizer/ directory; generate needs one to read text")
     engine = Engine(model, max_batch_size=batch_size, eos_token_id=tokenizer.eos_id)

@@ -7,6 +7,10 @@ positions, so a prompt's greedy output does not depend on its batch neighbours. 
 leave at once and the last running slot moves into the hole, keeping running slots packed at the
 front of the cache.
 
+A model holding several LoRA adapters (`haina.model.lora.load_adapters`) serves each request with
+its own one: before every model call the engine tells the adapter layers which adapter each row
+uses, so requests for different adapters share a batch. A model without them costs nothing extra.
+
 The engine knows nothing about tokenization (detokenization, stop strings and chat live in
 `haina.generate.detok`, `text` and `chat`).
 """
@@ -27,6 +31,7 @@ from haina.generate.cache import KVCache
 from haina.generate.head import DecodeHead
 from haina.generate.outputs import GenerationResult, StepEvent, TokenLogprob, token_logprobs
 from haina.generate.sampling import RowState, SamplingParams, sample_tokens
+from haina.model.lora import adapter_selection
 from haina.model.transformer import Transformer
 
 __all__ = ["Engine", "GenerationResult", "StepEvent", "TokenLogprob"]
@@ -45,6 +50,7 @@ class _Request:
     slot: int = -1
     aborted: bool = False
     done: bool = False  # finished this step; leaves the running slots at the end of it
+    adapter: int = -1  # the LoRA adapter it runs with (an index into the model's; -1: the base alone)
 
 
 class Engine:
@@ -76,6 +82,7 @@ class Engine:
         self.eos_token_id = eos_token_id
         self.cache = KVCache(cfg, max_batch_size, self.max_seq_len, device=self.device, dtype=self.dtype)
         self._head = DecodeHead(model)
+        self._adapters = adapter_selection(model)  # None for a model without stacked adapters: no work per call
         self._waiting: deque[_Request] = deque()
         self._running: list[_Request] = []  # index == cache slot
         self._requests: dict[str, _Request] = {}
@@ -93,11 +100,17 @@ class Engine:
     def has_unfinished(self) -> bool:
         return bool(self._requests)
 
-    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+    @property
+    def num_adapters(self) -> int:
+        """LoRA adapters the model holds (`haina.model.lora.load_adapters`), selectable per request."""
+        return 0 if self._adapters is None else self._adapters.count
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams, adapter: int = -1) -> None:
         """Validate and queue one sequence; it starts at the next `step()` with a free slot.
 
         One request is one sequence: for `n > 1` add n requests (with seeds seed, seed+1, ...)
-        or use `generate`; beam search runs through `generate`.
+        or use `generate`; beam search runs through `generate`. `adapter` is the index of the LoRA
+        adapter to run it with (see `num_adapters`); -1 is the base alone.
         """
         if request_id in self._requests:
             raise HainaError(f"request id '{request_id}' is already in use; give each request a unique id")
@@ -105,11 +118,12 @@ class Engine:
         if params.n != 1 or params.num_beams != 1:
             raise HainaError("add_request runs one sequence: add n requests for n samples, and use generate() for "
                              "beam search")
-        self._requests[request_id] = self._make_request(request_id, prompt_ids, params)
+        self._requests[request_id] = self._make_request(request_id, prompt_ids, params, adapter=adapter)
         self._waiting.append(self._requests[request_id])
 
     def _make_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                      seed_offset: int = 0) -> _Request:
+                      seed_offset: int = 0, adapter: int = -1) -> _Request:
+        self.check_adapter(adapter)
         prompt = self.check_prompt(prompt_ids, params)
         max_new = min(params.max_new_tokens, self.max_seq_len - len(prompt))
         stop = set(params.stop_token_ids)
@@ -120,7 +134,7 @@ class Engine:
             gen = torch.Generator(device=self.device)
             gen.manual_seed(params.seed + seed_offset)
         row = RowState(params=params, tokens=list(prompt), prompt_len=len(prompt))
-        return _Request(request_id, prompt, params, max_new, frozenset(stop), gen, row)
+        return _Request(request_id, prompt, params, max_new, frozenset(stop), gen, row, adapter=adapter)
 
     def check_prompt(self, prompt_ids: list[int], params: SamplingParams) -> list[int]:
         """Validate params and prompt (HainaError naming the problem); returns the prompt as a list."""
@@ -135,6 +149,17 @@ class Engine:
         if bad:
             raise HainaError(f"prompt token id {bad[0]} is outside the vocabulary (0..{self.cfg.vocab_size - 1})")
         return prompt
+
+    def check_adapter(self, adapter: int) -> None:
+        """A one-line HainaError unless `adapter` is -1 (the base) or the index of an adapter the model holds."""
+        if adapter != -1 and not 0 <= adapter < self.num_adapters:
+            raise HainaError(f"adapter {adapter} is not loaded: the model holds {self.num_adapters} adapter(s) "
+                             "(haina.model.lora.load_adapters stacks them); -1 runs the base alone")
+
+    def _select(self, adapters: int | list[int]) -> None:
+        """Tell the adapter layers which adapter each row of the next model call uses."""
+        if self._adapters is not None:
+            self._adapters.select(adapters, self.device)
 
     def abort(self, request_id: str) -> None:
         """Stop a request; its slot frees and it reports finish_reason "abort" at the next step."""
@@ -189,6 +214,8 @@ class Engine:
     def _forward(self, reqs: list[_Request], *, prefill: bool, events: list[StepEvent]) -> None:
         """One forward pass over the contiguous slots of `reqs`, then sample one token per row."""
         model, row0 = self.model, reqs[0].slot
+        if self._adapters is not None:
+            self._adapters.select([r.adapter for r in reqs], self.device)
         if prefill:
             lens = [len(r.prompt) for r in reqs]
             T = max(lens)
@@ -260,6 +287,7 @@ class Engine:
                 keys[rid] = (p, i)
         for p, (prompt, sp) in enumerate(zip(prompts, plist)):
             if sp.num_beams > 1:
+                self._select(-1)  # beam search calls the model itself: with the base, as these requests ask
                 results[p] = beam_search(self, prompt, sp)
         for req in reqs:
             self._requests[req.request_id] = req
@@ -275,13 +303,13 @@ class Engine:
             results[p].append(collected[rid].result())
         return results
 
-    def stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[StepEvent]:
-        """Yield the events of one request as its tokens arrive (n = 1, no beams).
+    def stream(self, prompt_ids: list[int], params: SamplingParams, adapter: int = -1) -> Iterator[StepEvent]:
+        """Yield the events of one request as its tokens arrive (n = 1, no beams), run with `adapter`.
 
         Closing the iterator early aborts the request. Drives `step()` itself.
         """
         rid = f"_stream-{next(self._ids)}"
-        self.add_request(rid, prompt_ids, params)
+        self.add_request(rid, prompt_ids, params, adapter=adapter)
         finished = False
         try:
             while not finished:
@@ -298,21 +326,31 @@ class Engine:
                     req.aborted = True
                     self._retire()
 
-    def prompt_logprobs(self, prompt_ids: list[int], k: int) -> list[TokenLogprob | None]:
-        """Log-probability of each prompt token given those before it, with k alternatives (entry 0 None)."""
+    def prompt_logprobs(self, prompt_ids: list[int], k: int, adapter: int = -1) -> list[TokenLogprob | None]:
+        """Log-probability of each prompt token given those before it, with k alternatives (entry 0 None).
+
+        `adapter`: the LoRA adapter to score with (-1: the base alone).
+        """
         prompt = list(prompt_ids)
+        self.check_adapter(adapter)
+        self._select(adapter)
         with torch.inference_mode(), _eval(self.model):
             lp = self.model(torch.tensor([prompt], device=self.device))[0, :-1].float().log_softmax(dim=-1)
             return [None] + token_logprobs(lp, prompt[1:], [k] * (len(prompt) - 1))
 
-    def score(self, sequences: list[list[int]]) -> list[list[float | None]]:
-        """log p(token_i | tokens before i) for every token of every sequence (entry 0 is None)."""
+    def score(self, sequences: list[list[int]], adapter: int = -1) -> list[list[float | None]]:
+        """log p(token_i | tokens before i) for every token of every sequence (entry 0 is None).
+
+        `adapter`: the LoRA adapter to score with (-1: the base alone).
+        """
+        self.check_adapter(adapter)
         out: list[list[float | None]] = []
         for seq in sequences:
             if not seq:
                 raise HainaError("cannot score an empty sequence")
             if len(seq) > self.max_seq_len:
                 raise HainaError(f"sequence of {len(seq)} tokens exceeds the context of {self.max_seq_len}")
+        self._select(adapter)
         with torch.inference_mode(), _eval(self.model):
             for i in range(0, len(sequences), self.max_batch_size):
                 chunk = sequences[i:i + self.max_batch_size]

@@ -9,7 +9,9 @@ A checkpoint directory:
 
 A training run directory holds `checkpoints/step-NNNNNNN/` directories and
 `checkpoints/index.json` naming the latest and the best; `resolve_checkpoint` accepts a run
-directory or a checkpoint directory, so every command can be pointed at either.
+directory or a checkpoint directory, so every command can be pointed at either. A LoRA run's
+checkpoints hold adapters (`adapter.safetensors`, `haina.model.lora`) instead of weights; loading
+one loads the base it records first, so such a run works wherever a checkpoint does.
 
 Loading checks before it trusts: the checksums when the checkpoint has them (older checkpoints and
 imports from elsewhere have none and still load), then the config, then the weights' safetensors
@@ -36,6 +38,11 @@ from haina.tokenizer import Tokenizer
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.yaml"
+ADAPTER = "adapter.safetensors"  # a LoRA checkpoint's tensors (haina.model.lora, which imports this module)
+
+
+def _holds_model(path: Path) -> bool:
+    return (path / WEIGHTS).is_file() or (path / ADAPTER).is_file()
 
 
 def save_model(out_dir: str | Path, model: Transformer, tokenizer: Tokenizer | None = None,
@@ -65,13 +72,14 @@ def save_model(out_dir: str | Path, model: Transformer, tokenizer: Tokenizer | N
 def resolve_checkpoint(path: str | Path, which: Literal["best", "latest"] = "best") -> Path:
     """A checkpoint directory from a checkpoint or run directory, with a clear error if there is none."""
     path = Path(path)
-    if (path / WEIGHTS).is_file():
+    if _holds_model(path):
         return path
     index = path / "checkpoints" / "index.json"
     if index.is_file():
         entry = read_json(index, "a checkpoint index is an object naming 'latest' and 'best'", expect=dict)
         name = entry.get(which) or entry.get("latest")
-        if isinstance(name, str) and (path / "checkpoints" / name / WEIGHTS).is_file():
+        if isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and \
+                _holds_model(path / "checkpoints" / name):
             return path / "checkpoints" / name
     if not path.exists():
         raise HainaError(f"checkpoint not found: {path}")
@@ -132,7 +140,7 @@ def verify_checkpoint(path: str | Path, which: Literal["best", "latest"] = "best
     ckpt = resolve_checkpoint(path, which)
     verify_checksums(ckpt)
     cfg = load_config(ckpt)
-    check_weights(ckpt / WEIGHTS)
+    check_weights(ckpt / (WEIGHTS if (ckpt / WEIGHTS).is_file() else ADAPTER))
     _load_tokenizer(ckpt, cfg)
     return ckpt
 
@@ -148,9 +156,30 @@ def _load_tokenizer(ckpt: Path, cfg: ModelConfig) -> Tokenizer | None:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu", which: Literal["best", "latest"] = "best",
-               dtype: torch.dtype | None = None) -> tuple[Transformer, Tokenizer | None]:
-    """Load a checkpoint for inference: (model in eval mode, tokenizer or None)."""
+               dtype: torch.dtype | None = None, adapter: str | Path | None = None) -> tuple[Transformer, Tokenizer | None]:
+    """Load a checkpoint for inference: (model in eval mode, tokenizer or None).
+
+    Args:
+        path: a checkpoint or run directory; a LoRA one loads the base it records, then its adapters.
+        device: where to put the model.
+        which: a run directory's best or latest checkpoint.
+        dtype: the element type to cast the weights to (None: as stored).
+        adapter: LoRA adapters (a LoRA run or checkpoint directory) to apply on top; they must have been
+            trained on this very base (checked by a hash of its weights).
+    """
+    from haina.model.hf_import import import_hf, is_hf_dir
+    from haina.model.lora import resolve_adapter  # lora.py builds on this module
+
     ckpt = resolve_checkpoint(path, which)
+    if not (ckpt / WEIGHTS).is_file():  # a LoRA checkpoint: its base first
+        if adapter is not None:
+            raise HainaError(f"{path} is itself a LoRA checkpoint; pass its base as --checkpoint and it as --adapter")
+        base = _recorded_base(ckpt)
+        if is_hf_dir(base):
+            return _with_adapter(*import_hf(base), ckpt, device, dtype)
+        return load_model(base, device=device, dtype=dtype, adapter=ckpt)
+    if adapter is not None:
+        return _with_adapter(*load_model(ckpt), resolve_adapter(adapter, which), device, dtype)
     # Checksums first: a damaged config.yaml must not get to size the model it would build. The weights' size is
     # checked now too, but their hash is computed in a thread while the model is built, which hides its cost.
     verify_checksums(ckpt, sizes_only=(WEIGHTS,))
@@ -164,5 +193,26 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", which: Lite
     return model, _load_tokenizer(ckpt, cfg)
 
 
-__all__ = ["CONFIG", "WEIGHTS", "check_weights", "load_config", "load_model", "read_weights", "resolve_checkpoint",
+def _with_adapter(model: Transformer, tokenizer: Tokenizer | None, adapter_dir: Path, device, dtype) \
+        -> tuple[Transformer, Tokenizer | None]:
+    from haina.model.lora import load_adapter
+
+    load_adapter(model, adapter_dir)  # before any cast: the base's hash is checked on the values as stored
+    tokenizer = _load_tokenizer(adapter_dir, model.cfg) or tokenizer  # fine-tuning may have added chat tokens
+    model.to(device=device, dtype=dtype).eval()
+    return model, tokenizer
+
+
+def _recorded_base(adapter_ckpt: Path) -> Path:
+    """The base model a LoRA checkpoint records: a haina checkpoint or a Hugging Face directory."""
+    from haina.model.lora import read_adapter_config
+
+    base = read_adapter_config(adapter_ckpt).get("base")
+    if not base or not Path(base).exists():
+        raise HainaError(f"{adapter_ckpt} holds LoRA adapters whose base ({base or 'not recorded'}) is not there; "
+                         "pass the base model as --checkpoint and this run as --adapter")
+    return Path(base)
+
+
+__all__ = ["ADAPTER", "CONFIG", "WEIGHTS", "check_weights", "load_config", "load_model", "read_weights", "resolve_checkpoint",
            "save_model", "verify_checkpoint", "verify_checksums", "write_checksums"]

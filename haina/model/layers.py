@@ -108,8 +108,8 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                cache: KVCacheLike | None = None) -> torch.Tensor:
-        y = self.proj(self._attend(self.qkv(x), rope, cache))
+                cache: KVCacheLike | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        y = self.proj(self._attend(self.qkv(x), rope, cache, attn_mask))
         return F.dropout(y, self.dropout) if self.training and self.dropout else y
 
     def decode(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
@@ -118,15 +118,19 @@ class Attention(nn.Module):
         return call_plain(self.proj, self._attend(call_plain(self.qkv, x), rope, cache))
 
     def _attend(self, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
-                cache: KVCacheLike | None) -> torch.Tensor:
-        """Fused projections (B, T, (nh + 2·nkv)·hs) -> attention output (B, T, nh·hs), before `proj`."""
+                cache: KVCacheLike | None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Fused projections (B, T, (nh + 2·nkv)·hs) -> attention output (B, T, nh·hs), before `proj`.
+
+        `attn_mask` (B, 1, T, T), True where a query may attend, replaces causal attention when there
+        is no cache (packed documents attend only within themselves); a cache brings its own mask.
+        """
         B, T, _ = qkv.shape
         # One view and one split rather than three: per-op overhead is what a one-token step pays.
         qkv = qkv.view(B, T, self.n_head + 2 * self.n_kv, self.hs).transpose(1, 2)
         q, k, v = qkv.split([self.n_head, self.n_kv, self.n_kv], dim=1)  # (B, nh | nkv, T, hs)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        mask = None
+        mask = attn_mask
         if cache is not None:
             k, v, mask = cache.update(self.layer_idx, k, v)  # (B, nkv, S, hs), mask (B, 1, T, S)
         if self.n_kv != self.n_head:
@@ -182,8 +186,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                cache: KVCacheLike | None = None) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), rope, cache)
+                cache: KVCacheLike | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), rope, cache, attn_mask)
         return x + self.mlp(self.norm2(x))
 
     def decode(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,

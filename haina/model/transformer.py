@@ -58,21 +58,25 @@ class Transformer(nn.Module):
 
     # ----------------------------------------------------------------- forward
     def forward(self, idx: torch.Tensor, *, positions: torch.Tensor | None = None,
-                cache: KVCacheLike | None = None) -> torch.Tensor:
+                cache: KVCacheLike | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Token ids (B, T) -> logits (B, T, vocab).
 
         Args:
             idx: token ids (B, T).
             positions: absolute position of every token (B, T); default 0..T-1 for each row.
             cache: the inference engine's KV cache; None for training and plain scoring.
+            attn_mask: bool (B, 1, T, T), True where a query may attend, instead of causal attention
+                (documents packed into one row, with positions restarting per document); not with `cache`.
         """
-        return self.lm_head(self.hidden_states(idx, positions=positions, cache=cache))
+        return self.lm_head(self.hidden_states(idx, positions=positions, cache=cache, attn_mask=attn_mask))
 
     def hidden_states(self, idx: torch.Tensor, *, positions: torch.Tensor | None = None,
-                      cache: KVCacheLike | None = None) -> torch.Tensor:
+                      cache: KVCacheLike | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The final normalized hidden states (B, T, C), before the LM head."""
         B, T = idx.shape
         cfg = self.cfg
+        if attn_mask is not None and cache is not None:
+            raise ValueError("attn_mask and cache cannot be combined: the cache supplies its own mask")
         if positions is None:
             if T > cfg.block_size:
                 raise HainaError(f"sequence of {T} tokens exceeds the model's context of {cfg.block_size}")
@@ -81,9 +85,9 @@ class Transformer(nn.Module):
         for block in self.blocks:
             if self.gradient_checkpointing and self.training:
                 # Recompute activations in backward: memory O(layers) instead of O(layers · T · C).
-                x = checkpoint(block, x, rope, cache, use_reentrant=False)
+                x = checkpoint(block, x, rope, cache, attn_mask, use_reentrant=False)
             else:
-                x = block(x, rope, cache)
+                x = block(x, rope, cache, attn_mask)
         return self.norm_f(x)
 
     def decode(self, idx: torch.Tensor, *, positions: torch.Tensor, cache: KVCacheLike,
@@ -155,5 +159,11 @@ class Transformer(nn.Module):
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Mean next-token cross-entropy over targets != ignore_index; logits (B, T, V), targets (B, T)."""
-    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=ignore_index)
+    """Mean next-token cross-entropy over targets != ignore_index; logits (B, T, V), targets (B, T).
+
+    A micro-batch whose targets are all ignored gives 0 (not cross_entropy's 0/0 = NaN), so that with
+    gradient accumulation it adds nothing instead of poisoning the step.
+    """
+    flat = targets.reshape(-1)
+    total = F.cross_entropy(logits.float().view(-1, logits.size(-1)), flat, ignore_index=ignore_index, reduction="sum")
+    return total / (flat != ignore_index).sum().clamp(min=1)

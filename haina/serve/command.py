@@ -12,7 +12,7 @@ from typing import Literal
 from haina.core.errors import HainaError
 from haina.core.log import info, logger, setup_logging
 
-__all__ = ["check_bindable", "is_loopback", "read_api_keys", "serve_command"]
+__all__ = ["check_adapters", "check_bindable", "is_loopback", "parse_adapters", "read_api_keys", "serve_command"]
 
 # How long an idle kept-alive connection stays open. Longer than the idle expiry of the clients and proxies in
 # front (httpx and the openai client 5 s, aiohttp 15 s, nginx and cloud load balancers 60 s), so that the client
@@ -22,13 +22,16 @@ __all__ = ["check_bindable", "is_loopback", "read_api_keys", "serve_command"]
 KEEP_ALIVE_S = 65
 
 
-def serve_command(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, api_key: list[str] | None = None,
-                  api_key_file: str | None = None, max_batch_size: int = 16, max_queue: int = 256,
-                  max_model_len: int | None = None, served_model_name: str | None = None, device: str = "auto",
-                  max_body_mb: float = 4.0, threads: int | None = None, request_timeout: float | None = None,
-                  drain_timeout: float = 30.0,
+def serve_command(checkpoint: str, adapter: list[str] | None = None, host: str = "127.0.0.1", port: int = 8000,
+                  api_key: list[str] | None = None, api_key_file: str | None = None, max_batch_size: int = 16,
+                  max_queue: int = 256, max_model_len: int | None = None, served_model_name: str | None = None,
+                  device: str = "auto", max_body_mb: float = 4.0, threads: int | None = None,
+                  request_timeout: float | None = None, drain_timeout: float = 30.0,
                   log_level: Literal["critical", "error", "warning", "info", "debug"] = "info") -> int:
     """Serve a checkpoint over HTTP with the OpenAI API (completions, chat, streaming), with continuous batching.
+
+    With --adapter, one base serves several LoRA adapters at once: a request's `model` picks the base (its own
+    name) or an adapter (the adapter's name), and requests for different adapters are batched together.
 
     Endpoints: /v1/completions, /v1/chat/completions, /v1/models, /tokenize, /detokenize,
     /tokenizer_info, /health (503 while the model loads, then 200), /metrics (Prometheus) and a chat
@@ -38,6 +41,9 @@ def serve_command(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, ap
 
     Args:
         checkpoint: checkpoint or training run directory (with a tokenizer).
+        adapter: a LoRA adapter to serve on the base, as NAME=DIR (requests with model NAME use it) or DIR (named
+            after the directory); repeat for several. DIR is a LoRA run or checkpoint directory trained on
+            --checkpoint; its tokenizer, when it saved one, serves its requests.
         host: address to bind; the default serves this machine only, 0.0.0.0 serves the network (without an
             API key, anyone who reaches the port may use the server: a warning says so).
         port: TCP port.
@@ -79,6 +85,7 @@ def serve_command(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, ap
         raise HainaError(f"--drain-timeout must be 0 or more (seconds), got {drain_timeout}")
     if threads is not None and threads < 1:
         raise HainaError(f"--threads must be at least 1, got {threads}")
+    adapters = parse_adapters(adapter or [])
     shown = f"[{host}]" if ":" in host else host
     if not keys and not is_loopback(host):
         _warn(f"warning: --host {host} serves the network without an API key: anyone who can reach port {port} "
@@ -93,6 +100,7 @@ def serve_command(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, ap
     # A wrong path or a damaged checkpoint (checksums, config, weights header, tokenizer) fails here, before the
     # port is bound, not later in the background load; the digests are remembered, so that load does not rehash.
     verify_checkpoint(checkpoint)
+    check_adapters(checkpoint, adapters)
     check_bindable(host, port)
     if threads is not None:
         import torch
@@ -101,7 +109,7 @@ def serve_command(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, ap
     config = ServiceConfig(checkpoint=str(checkpoint), served_model_name=served_model_name,
                            max_batch_size=max_batch_size, max_queue=max_queue, max_model_len=max_model_len,
                            device=device, api_keys=tuple(keys), max_body_bytes=int(max_body_mb * 1024 * 1024),
-                           request_timeout=request_timeout)
+                           request_timeout=request_timeout, adapters=adapters)
     service = Service(config)
     failed: list[str] = []
     server: uvicorn.Server | None = None
@@ -118,7 +126,9 @@ def serve_command(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, ap
                                            timeout_keep_alive=KEEP_ALIVE_S, timeout_graceful_shutdown=2),
                             drain_timeout=drain_timeout)
     auth = f", {len(keys)} API key(s)" if keys else ", no API key"
-    info(f"haina serve: http://{shown}:{port} (model '{config.model_name}'{auth}; loading in the background)")
+    names = "', '".join(config.model_names)
+    info(f"haina serve: http://{shown}:{port} (model{'s' if adapters else ''} '{names}'{auth}; loading in the "
+         "background)")
     try:
         server.run()
     except SystemExit:  # uvicorn exits when it cannot bind, after logging why
@@ -128,6 +138,40 @@ def serve_command(checkpoint: str, host: str = "127.0.0.1", port: int = 8000, ap
     if failed:
         raise HainaError(f"cannot serve {checkpoint}: {failed[0]}")
     return 0
+
+
+def parse_adapters(specs: list[str]) -> tuple[tuple[str, str], ...]:
+    """(name, directory) of each `--adapter NAME=DIR` or `--adapter DIR` (named after the directory)."""
+    out = []
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or "/" in name or os.sep in name:  # DIR alone (a path may hold '=' after a slash)
+            name, path = Path(spec).resolve().name, spec
+        if not path:
+            raise HainaError(f"--adapter {spec} names no directory; write --adapter NAME=DIR or --adapter DIR")
+        out.append((name, path))
+    return tuple(out)
+
+
+def check_adapters(checkpoint: str, adapters: tuple[tuple[str, str], ...]) -> None:
+    """Check each adapter's files and that its recorded base has the checkpoint's architecture, before the
+    port is bound; that it was trained on these very weights is checked when the model loads (it needs them)."""
+    if not adapters:
+        return
+    from haina.model.checkpoint import check_weights, load_config
+    from haina.model.config import ModelConfig
+    from haina.model.lora import ADAPTER_WEIGHTS, read_adapter_config, resolve_adapter
+
+    base = load_config(checkpoint)
+    for _, path in adapters:
+        if not Path(path).exists():
+            raise HainaError(f"--adapter {path} not found; point it at a LoRA run or checkpoint directory")
+        directory = resolve_adapter(path)
+        data = read_adapter_config(directory)
+        check_weights(directory / ADAPTER_WEIGHTS)
+        if ModelConfig.from_dict(data["model"]) != base:
+            raise HainaError(f"adapter {directory} was trained on another base model (recorded base: "
+                             f"{data['base'] or 'unknown'}); pass that model as --checkpoint")
 
 
 def read_api_keys(path: str | Path) -> list[str]:

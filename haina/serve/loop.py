@@ -59,11 +59,12 @@ class Cancelled(Exception):
 
 @dataclass
 class Sequence:
-    """One engine request: its id, prompt ids and sampling params."""
+    """One engine request: its id, prompt ids, sampling params and LoRA adapter (-1: the base alone)."""
 
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
+    adapter: int = -1
 
 
 class EngineLoop:
@@ -201,7 +202,7 @@ class EngineLoop:
     def _add(self, seqs: list[Sequence], sink: Sink, deadline: float | None) -> None:
         for s in seqs:
             try:
-                self.engine.add_request(s.request_id, s.prompt_ids, s.params)
+                self.engine.add_request(s.request_id, s.prompt_ids, s.params, adapter=s.adapter)
             except Exception as e:  # noqa: BLE001 - validated before submit: unexpected; fail this request only
                 self._admitted(s.request_id, None)
                 _deliver(sink, e)

@@ -6,6 +6,10 @@ sample; its events come back on the request's own asyncio queue, where they are 
 (incrementally, UTF-8 safe) and checked for stop strings. A stop string hit aborts the engine
 request so its slot frees at the next step. Everything a request could get wrong is checked
 before anything is submitted, so a bad request never reaches the engine thread.
+
+With LoRA adapters (`ServiceConfig.adapters`) one base serves several models: a request's `model`
+names the base or one adapter, each with its own tokenizer (a fine-tuning run may have added chat
+tokens), and the engine runs requests for different adapters in the same batch.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from haina.serve.metrics import ServeMetrics
 from haina.serve.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from haina.tokenizer import Tokenizer
 
-__all__ = ["APIError", "Service", "ServiceConfig"]
+__all__ = ["APIError", "Served", "Service", "ServiceConfig", "attach_adapters"]
 
 DISCONNECT_POLL_S = 0.5  # how often a request checks that its client is still there
 GREEDY_BELOW = 1e-5  # temperatures this small are greedy: dividing logits by them overflows fp32
@@ -53,6 +57,8 @@ class ServiceConfig:
         api_keys: accepted bearer keys; empty means no authentication.
         max_body_bytes: largest request body accepted (413 beyond).
         request_timeout: seconds a generation request may take before it is cancelled in the engine (504).
+        adapters: (name, directory) of each LoRA adapter served on the base: a request whose `model` is the
+            name runs with that adapter (a LoRA run or checkpoint directory trained on this base).
     """
 
     checkpoint: str
@@ -64,10 +70,27 @@ class ServiceConfig:
     api_keys: tuple[str, ...] = ()
     max_body_bytes: int = 4 * 1024 * 1024
     request_timeout: float | None = None
+    adapters: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        names = [self.model_name]
+        for name, _ in self.adapters:
+            if not name or name != name.strip():
+                raise HainaError(f"adapter name {name!r} is empty or padded with spaces; write --adapter NAME=DIR")
+            if name in names:
+                what = "the base model's" if name == self.model_name else "another adapter's"
+                raise HainaError(f"adapter name '{name}' is already {what}; give each adapter its own name "
+                                 "(--adapter NAME=DIR)")
+            names.append(name)
 
     @property
     def model_name(self) -> str:
         return self.served_model_name or Path(self.checkpoint).resolve().name
+
+    @property
+    def model_names(self) -> list[str]:
+        """Every name clients may send as `model`: the base's first, then the adapters'."""
+        return [self.model_name, *(name for name, _ in self.adapters)]
 
 
 class APIError(Exception):
@@ -79,6 +102,15 @@ class APIError(Exception):
 
 
 Loader = Callable[[ServiceConfig], tuple[Any, Tokenizer | None]]
+
+
+@dataclass(frozen=True)
+class Served:
+    """A model a request may name: the base (adapter -1) or one of its LoRA adapters, with its tokenizer."""
+
+    name: str
+    adapter: int
+    tokenizer: Tokenizer
 
 
 def load_checkpoint(config: ServiceConfig) -> tuple[Any, Tokenizer | None]:
@@ -104,6 +136,7 @@ class Service:
         self._loader = loader or load_checkpoint
         self.loop: EngineLoop | None = None
         self.tokenizer: Tokenizer | None = None
+        self.served: dict[str, Served] = {}
         self.load_error: str | None = None
         self.max_model_len = 0
         self.vocab_size = 0
@@ -131,17 +164,21 @@ class Service:
             if tokenizer is None:
                 raise HainaError(f"checkpoint {self.config.checkpoint} has no tokenizer/ directory; serving needs one")
             cfg = self.config
+            served = {cfg.model_name: Served(cfg.model_name, -1, tokenizer)}
+            if cfg.adapters:
+                served |= attach_adapters(model, tokenizer, cfg.adapters)
 
             def make_engine() -> Engine:
                 return Engine(model, max_batch_size=cfg.max_batch_size, max_seq_len=cfg.max_model_len,
                               eos_token_id=tokenizer.eos_id)
 
             loop = EngineLoop(make_engine, self.metrics, max_queue=cfg.max_queue, request_timeout=cfg.request_timeout)
-            self.tokenizer, self.vocab_size = tokenizer, model.cfg.vocab_size
+            self.tokenizer, self.vocab_size, self.served = tokenizer, model.cfg.vocab_size, served
             self.max_model_len = loop.engine.max_seq_len
             self.loop = loop
+            adapters = f", adapters {', '.join(n for n, _ in cfg.adapters)}" if cfg.adapters else ""
             logger.info(f"serving {cfg.model_name} ({model.num_params() / 1e6:.1f}M parameters, context "
-                        f"{self.max_model_len}, batch {cfg.max_batch_size})")
+                        f"{self.max_model_len}, batch {cfg.max_batch_size}{adapters})")
         except Exception as e:  # noqa: BLE001 - reported by /health and the log, not lost
             self.load_error = str(e) if isinstance(e, HainaError) else f"{type(e).__name__}: {e}"
             logger.error(f"error: cannot load the model: {self.load_error}")
@@ -161,15 +198,21 @@ class Service:
             raise APIError(503, f"{why}; retry when GET /health answers 200")
         return self.loop, self.tokenizer
 
-    def check_model(self, name: str | None) -> None:
-        if name is not None and name != self.config.model_name:
-            raise APIError(404, f"the model '{name}' does not exist; this server serves '{self.config.model_name}'",
-                           param="model", type="model_not_found")
+    def check_model(self, name: str | None) -> Served:
+        """The served model a request names (None: the base); 404 for a name this server does not serve."""
+        served = self.served.get(self.config.model_name if name is None else name)
+        if served is None:
+            raise APIError(404, f"the model '{name}' does not exist; this server serves "
+                           f"{', '.join(repr(n) for n in self.config.model_names)}", param="model",
+                           type="model_not_found")
+        return served
 
     def models(self) -> dict[str, Any]:
-        card = {"id": self.config.model_name, "object": "model", "created": int(time.time()), "owned_by": "haina",
-                "max_model_len": self.max_model_len or None}
-        return {"object": "list", "data": [card]}
+        now, base = int(time.time()), self.config.model_name
+        card = {"object": "model", "created": now, "owned_by": "haina", "max_model_len": self.max_model_len or None}
+        # An adapter names its base as `parent`, as vLLM lists LoRA adapters.
+        return {"object": "list", "data": [{"id": base, **card}] + [{"id": name, **card, "parent": base}
+                                                                   for name, _ in self.config.adapters]}
 
     def _check_ids(self, ids: list[int], limit: int, what: str = "prompt") -> None:
         bad = next((t for t in ids if not 0 <= t < limit), None)
@@ -220,8 +263,9 @@ class Service:
     async def completions(self, req: CompletionRequest, disconnected: Disconnected | None = None):
         """A completion response (dict) or, for stream=true, an async iterator of SSE lines."""
         self._refuse_unsupported(req)
-        loop, tok = self._require_ready()
-        self.check_model(req.model)
+        loop, _ = self._require_ready()
+        served = self.check_model(req.model)
+        tok = served.tokenizer
         arrival = time.perf_counter()
         if req.best_of is not None and req.best_of != req.n:
             raise APIError(400, "best_of other than n is not supported; use n", param="best_of")
@@ -236,10 +280,10 @@ class Service:
         k = req.logprobs
         texts = [tok.decode(ids) for ids in prompts] if req.echo else None
         rid = f"cmpl-{uuid.uuid4().hex}"
-        fmt = CompletionFormat(rid, self.config.model_name, tok, req.echo)
+        fmt = CompletionFormat(rid, served.name, tok, req.echo)
         if max_tokens == 0:  # score only: log-probabilities of the prompt, nothing generated
             self._params(req, 1, None)  # the sampling fields are checked even though nothing is sampled
-            results = await self._score(loop, prompts, k, req.n)
+            results = await self._score(loop, prompts, k, req.n, served.adapter)
             return fmt.scored(results, prompts, texts, req.n, req.stream, _include_usage(req))
         params = self._params(req, max_tokens, k, prompt_logprobs=k if req.echo and k is not None else None)
         stops = _stops(req.stops)
@@ -247,21 +291,21 @@ class Service:
                      echo_text=texts[p] if texts else None)
                 for p in range(len(prompts)) for i in range(req.n)]
         run = _Run(self, loop, [(s, prompts[s.prompt_index], _seeded(params, i % req.n)) for i, s in enumerate(seqs)],
-                   arrival)
+                   arrival, served.adapter)
         if req.stream:
             return sse(fmt.stream(run, disconnected, _include_usage(req), prompts))
         async for _ in run.events(disconnected):
             pass
         return fmt.response(seqs, prompts)
 
-    async def _score(self, loop: EngineLoop, prompts: list[list[int]], k: int | None,
-                     n: int) -> list[list[TokenLogprob | None] | None]:
+    async def _score(self, loop: EngineLoop, prompts: list[list[int]], k: int | None, n: int,
+                     adapter: int) -> list[list[TokenLogprob | None] | None]:
         if k is None:
             return [None] * len(prompts)
         out = []
         for ids in prompts:
             try:
-                fut = loop.call(lambda engine, ids=ids: engine.prompt_logprobs(ids, k), queued=True)
+                fut = loop.call(lambda engine, ids=ids: engine.prompt_logprobs(ids, k, adapter), queued=True)
             except QueueFull as e:
                 raise APIError(429, str(e)) from None
             try:
@@ -275,8 +319,9 @@ class Service:
     async def chat(self, req: ChatCompletionRequest, disconnected: Disconnected | None = None):
         """A chat completion response (dict) or, for stream=true, an async iterator of SSE lines."""
         self._refuse_unsupported(req)
-        loop, tok = self._require_ready()
-        self.check_model(req.model)
+        loop, _ = self._require_ready()
+        served = self.check_model(req.model)
+        tok = served.tokenizer
         arrival = time.perf_counter()
         ids = self._chat_ids(tok, req.messages, req.add_generation_prompt)
         if not ids:
@@ -297,8 +342,8 @@ class Service:
         params = self._params(req, max_tokens, k, stop_ids=stop_ids)
         stops = _stops(list(dict.fromkeys(chat_stop_strings(tok) + req.stops)))
         seqs = [_Seq(i, loop.new_id(), 0, tok, stops, _stop_ids(tok, params), k is not None) for i in range(req.n)]
-        run = _Run(self, loop, [(s, ids, _seeded(params, i)) for i, s in enumerate(seqs)], arrival)
-        fmt = ChatFormat(f"chatcmpl-{uuid.uuid4().hex}", self.config.model_name, tok)
+        run = _Run(self, loop, [(s, ids, _seeded(params, i)) for i, s in enumerate(seqs)], arrival, served.adapter)
+        fmt = ChatFormat(f"chatcmpl-{uuid.uuid4().hex}", served.name, tok)
         if req.stream:
             return sse(fmt.stream(run, disconnected, _include_usage(req), len(ids)))
         async for _ in run.events(disconnected):
@@ -320,8 +365,8 @@ class Service:
     # ------------------------------------------------------------------ tokenizer endpoints
     def tokenize(self, req: TokenizeRequest) -> dict[str, Any]:
         self._refuse_unsupported(req)
-        _, tok = self._require_ready()
-        self.check_model(req.model)
+        self._require_ready()
+        tok = self.check_model(req.model).tokenizer
         if (req.prompt is None) == (req.messages is None):
             raise APIError(400, "give exactly one of 'prompt' or 'messages'", param="prompt")
         if req.prompt is not None:
@@ -334,8 +379,8 @@ class Service:
         return {"tokens": ids, "count": len(ids), "max_model_len": self.max_model_len}
 
     def detokenize(self, req: DetokenizeRequest) -> dict[str, Any]:
-        _, tok = self._require_ready()
-        self.check_model(req.model)
+        self._require_ready()
+        tok = self.check_model(req.model).tokenizer
         self._check_ids(req.tokens, tok.vocab_size, what="tokens")
         return {"prompt": tok.decode(req.tokens)}
 
@@ -349,6 +394,32 @@ class Service:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+def attach_adapters(model: Any, tokenizer: Tokenizer, adapters: tuple[tuple[str, str], ...]) -> dict[str, Served]:
+    """Stack the named adapters into the base `model` (`haina.model.lora.load_adapters`); their served entries.
+
+    An adapter directory's own tokenizer, when it saved one, serves its requests (fine-tuning may have added
+    chat tokens); it must end text with the base's EOS token, which is the one the shared engine stops at.
+    """
+    from haina.model.lora import load_adapters, resolve_adapter
+
+    dirs = [resolve_adapter(path) for _, path in adapters]
+    load_adapters(model, dirs)
+    served = {}
+    for i, ((name, _), directory) in enumerate(zip(adapters, dirs)):
+        tok = tokenizer
+        if (directory / "tokenizer").is_dir():
+            tok = Tokenizer.load(directory / "tokenizer")
+            if tok.vocab_size > model.cfg.vocab_size:
+                raise HainaError(f"adapter {directory} has a tokenizer of {tok.vocab_size} tokens but the model only "
+                                 f"{model.cfg.vocab_size}")
+            if tok.eos_id != tokenizer.eos_id:
+                raise HainaError(f"adapter {directory} ends text with token {tok.eos_id} ({tok.eos_token}), the base "
+                                 f"with {tokenizer.eos_id}, where the shared engine stops; merge the adapter into its "
+                                 "base (haina finetune merge) and serve that")
+        served[name] = Served(name, i, tok)
+    return served
+
+
 def _prompt_ids(prompt, tok: Tokenizer, service: Service) -> list[list[int]]:
     """Every accepted prompt shape as a list of token-id lists."""
     if isinstance(prompt, str):
@@ -420,7 +491,7 @@ class _Run:
     """The sequences of one HTTP request in the engine, and their events as they come back."""
 
     def __init__(self, service: Service, loop: EngineLoop,
-                 items: list[tuple[_Seq, list[int], SamplingParams]], arrival: float):
+                 items: list[tuple[_Seq, list[int], SamplingParams]], arrival: float, adapter: int = -1):
         self.service, self.loop, self.arrival = service, loop, arrival
         self.metrics = service.metrics
         self.pending = {s.request_id: s for s, _, _ in items}
@@ -434,7 +505,7 @@ class _Run:
             raise APIError(400, f"the request needs {len(items)} sequences (prompts x n), more than the server's "
                            f"queue of {loop.max_queue}; send fewer prompts or a smaller n", param="n")
         try:
-            loop.submit([Sequence(s.request_id, ids, p) for s, ids, p in items], sink)
+            loop.submit([Sequence(s.request_id, ids, p, adapter) for s, ids, p in items], sink)
         except QueueFull as e:
             raise APIError(429, str(e)) from None
         self.metrics.prompt_tokens.inc(sum(len(ids) for _, ids, _ in items))

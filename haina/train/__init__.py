@@ -5,6 +5,7 @@ trainable parameters; they never copy the loop.
 """
 
 from haina.train.config import DataConfig, PretrainConfig, TrainConfig
-from haina.train.trainer import Trainer, run_pretrain
+from haina.train.pretrain import run_pretrain
+from haina.train.trainer import Trainer
 
 __all__ = ["DataConfig", "PretrainConfig", "TrainConfig", "Trainer", "run_pretrain"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +26,7 @@ import torch
 
 from haina.core.errors import HainaError
 from haina.core.io import atomic_dir, read_json, write_json
-from haina.model.checkpoint import save_model, verify_checkpoint, write_checksums
-from haina.model.transformer import Transformer
-from haina.tokenizer import Tokenizer
+from haina.model.checkpoint import WEIGHTS, verify_checkpoint, verify_checksums, write_checksums
 
 STATE_FILE = "trainer_state.pt"
 INDEX_FILE = "index.json"
@@ -58,8 +57,8 @@ def read_index(run_dir: str | Path) -> dict[str, Any] | None:
     return index
 
 
-def save_checkpoint(run_dir: str | Path, *, step: int, model: Transformer, tokenizer: Tokenizer | None,
-                    config: dict[str, Any], state: dict[str, Any], val_loss: float | None, keep_last: int) -> Path:
+def save_checkpoint(run_dir: str | Path, *, step: int, write_weights: Callable[[Path], None], state: dict[str, Any],
+                    val_loss: float | None, keep_last: int) -> Path:
     """Write checkpoint `step-NNNNNNN`, then update the index, then prune old checkpoints.
 
     An OSError (a full disk) while writing leaves the previous checkpoints and the index as they were:
@@ -69,9 +68,8 @@ def save_checkpoint(run_dir: str | Path, *, step: int, model: Transformer, token
     Args:
         run_dir: the run directory.
         step: optimizer steps taken.
-        model: the (uncompiled) model.
-        tokenizer: saved beside the weights so the checkpoint is self-contained.
-        config: the full resolved config, written as config.yaml (its `model` section is the model's).
+        write_weights: writes the model's part into the directory it is given: weights (or a LoRA run's
+            adapters), config.yaml with the full resolved config, the tokenizer (`Trainer.write_weights`).
         state: the trainer state (tensors, lists, dicts, scalars only).
         val_loss: validation loss of these weights, used to pick the best checkpoint.
         keep_last: how many of the most recent checkpoints to keep besides the best.
@@ -81,9 +79,8 @@ def save_checkpoint(run_dir: str | Path, *, step: int, model: Transformer, token
     index = read_index(run_dir) or {"all": [], "val_loss": {}}
     indexed = _indexed(index)
     existed = (ckpts / name).exists()
-    extra = {k: v for k, v in config.items() if k != "model"}
     with atomic_dir(ckpts / name) as tmp:
-        save_model(tmp, model, tokenizer, extra_config=extra, checksums=False)
+        write_weights(tmp)
         torch.save(state, tmp / STATE_FILE)
         write_checksums(tmp)  # once everything is written: the trainer state is covered too
 
@@ -145,7 +142,10 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     path = checkpoints_dir(run_dir) / index["latest"]
     if not (path / STATE_FILE).is_file():
         raise HainaError(f"{path} named as latest in {INDEX_FILE} has no {STATE_FILE}; cannot resume from it")
-    verify_checkpoint(path)  # checksums, config, weights header, tokenizer: one line naming a damaged file
+    if (path / WEIGHTS).is_file():
+        verify_checkpoint(path)  # checksums, config, weights header, tokenizer: one line naming a damaged file
+    else:
+        verify_checksums(path)  # a LoRA run's checkpoint holds adapters, not weights
     return path
 
 

@@ -28,11 +28,15 @@ def param_groups(named_params: Iterable[tuple[str, nn.Parameter]], weight_decay:
 
 def build_adamw(named_params: Iterable[tuple[str, nn.Parameter]], *, lr: float, weight_decay: float,
                 betas: tuple[float, float], eps: float, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over `named_params`; the fused CUDA kernel (one launch for all tensors) on CUDA."""
+    """AdamW over `named_params`, with the fused kernel (all tensors in one pass) on CUDA and CPU.
+
+    On CPU the default per-tensor loop cost 13 ms a step on the quickstart model against 5 ms fused
+    (benchmarks/finetune.py's profile), a tenth of a fine-tuning step. MPS keeps the default.
+    """
     groups = param_groups(named_params, weight_decay)
     if not groups:
         raise ValueError("no trainable parameters")
-    extra = {"fused": True} if device.type == "cuda" else {}
+    extra = {"fused": True} if device.type in ("cuda", "cpu") else {}
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, **extra)
 
 

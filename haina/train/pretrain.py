@@ -1,14 +1,24 @@
-"""`haina pretrain`: a YAML recipe plus dotted overrides → a training run."""
+"""`haina pretrain`: a YAML recipe plus dotted overrides → a training run.
+
+`run_pretrain` wires a `PretrainConfig` to token shards, a fresh Transformer and the one `Trainer`.
+"""
 
 from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from haina.core.config import load_yaml, merge, parse_overrides
 from haina.core.errors import HainaError
-from haina.core.output import claim_output, read_manifest
+from haina.core.log import info
+from haina.core.output import check_output, claim_output, read_manifest
+from haina.core.seed import seed_everything
+from haina.data.shards import TokenShards, check_tokenizer, find_tokenizer, read_meta
+from haina.model.transformer import Transformer
+from haina.tokenizer import Tokenizer
 from haina.train.config import PretrainConfig
+from haina.train.trainer import Trainer
 
 COMMAND = "pretrain"  # the name in the manifest of its run directories
 # A run --resume may continue: the quickstart's directory holds a pretraining run too (checkpoints, index, config).
@@ -61,30 +71,40 @@ def load_pretrain_config(config: str, data: str | None = None, out: str | None =
 
 
 def claim_run(cfg: PretrainConfig, *, overwrite: bool = False) -> Path:
-    """Check `cfg.out` for this run, as the rules of `haina.core.output` say, and make it the run directory.
-
-    An empty or missing directory is created. An existing one is continued with train.resume (only if
-    its manifest says a pretraining run made it), replaced with `overwrite` (only if it is not, does not
-    contain, and does not lie inside the data or the tokenizer), and otherwise refused in one line.
-    """
-    out = Path(cfg.out or "runs/pretrain")
+    """Check `cfg.out` for this pretraining run and make it the run directory (`claim_run_dir`)."""
     inputs = [cfg.data.dir] + ([cfg.data.tokenizer] if cfg.data.tokenizer else [])
-    resume = cfg.train.resume
+    return claim_run_dir(Path(cfg.out or "runs/pretrain"), COMMAND, inputs=inputs, resume=cfg.train.resume,
+                         overwrite=overwrite, resumable=RESUMABLE, extra={"data": str(cfg.data.dir)})
+
+
+def claim_run_dir(out: Path, command: str, *, inputs: list[str], resume: bool, overwrite: bool,
+                  resumable: tuple[str, ...] | None = None, extra: dict | None = None, check_only: bool = False) -> Path:
+    """Check `out` for a training run of `command`, as the rules of `haina.core.output` say; make it the run dir.
+
+    An empty or missing directory is created. An existing one is continued with `resume` (only if its
+    manifest says one of `resumable` made it), replaced with `overwrite` (only if it is not, does not
+    contain, and does not lie inside an input), and otherwise refused in one line. `check_only` makes every
+    check and claims nothing: a command that has minutes of loading ahead refuses a bad --out first.
+    """
+    resumable = resumable or (command,)
     if resume and overwrite:
         raise HainaError("--resume continues a run and --overwrite starts it over; pass one of them, not both")
     if out.is_dir() and any(out.iterdir()):
         manifest = read_manifest(out)
-        ours = manifest is not None and manifest["command"] == COMMAND
+        ours = manifest is not None and manifest["command"] == command
         if resume:
-            if manifest is None or manifest["command"] not in RESUMABLE:
+            if manifest is None or manifest["command"] not in resumable:
                 what = f"the output of 'haina {manifest['command']}'" if manifest else "not a haina run"
                 raise HainaError(f"cannot --resume {out}: it is {what}, and --resume continues only a run that "
-                                 "'haina pretrain' made; choose that run's directory as --out")
+                                 f"'haina {command}' made; choose that run's directory as --out")
             return out  # continued in place: nothing in it is replaced
         if ours and not overwrite:
-            raise HainaError(f"--out {out} already holds a pretraining run; pass --resume to continue it or "
+            raise HainaError(f"--out {out} already holds a 'haina {command}' run; pass --resume to continue it or "
                              "--overwrite to start over (deleting its checkpoints), or choose another --out")
-    return claim_output(out, COMMAND, inputs=inputs, overwrite=overwrite, extra={"data": str(cfg.data.dir)})
+    if check_only:
+        check_output(out, command, inputs=inputs, overwrite=overwrite)
+        return out
+    return claim_output(out, command, inputs=inputs, overwrite=overwrite, extra=extra)
 
 
 def pretrain(config: str, data: str | None = None, out: str | None = None, resume: bool = False,
@@ -105,8 +125,6 @@ def pretrain(config: str, data: str | None = None, out: str | None = None, resum
         resume: continue the pretraining run in --out from its latest checkpoint.
         overwrite: start over in an existing --out (a previous run, or any directory that is not an input).
     """
-    from haina.train.trainer import run_pretrain
-
     cfg = load_pretrain_config(config, data=data, out=out, resume=resume, overrides=overrides)
     report = run_pretrain(cfg, claim=True, overwrite=overwrite)
     val = report.get("val_loss")
@@ -119,4 +137,46 @@ def pretrain(config: str, data: str | None = None, out: str | None = None, resum
     print(f"run: {cfg.out}   checkpoint: {report.get('best_checkpoint')}")
 
 
-__all__ = ["claim_run", "find_recipe", "load_pretrain_config", "pretrain"]
+def run_pretrain(cfg: PretrainConfig, tokenizer: Tokenizer | None = None, *, claim: bool = False,
+                 overwrite: bool = False) -> dict[str, Any]:
+    """Pretrain a fresh Transformer on the token shards named by `cfg`; returns the run report.
+
+    Args:
+        cfg: the full pretraining config (model, data, train, out).
+        tokenizer: the shards' tokenizer if the caller has it; else found via data.tokenizer or beside the shards.
+        claim: check and claim `cfg.out` as `haina pretrain` does (`claim_run`), once the inputs are found
+            sound; a caller that owns the directory already (the quickstart) leaves it False.
+        overwrite: with `claim`, start over in an existing directory.
+    """
+    cfg = cfg.resolved()
+    out = Path(cfg.out or "runs/pretrain")
+    meta = read_meta(cfg.data.dir)
+    if tokenizer is None:
+        tokenizer = find_tokenizer(cfg.data.dir, cfg.data.tokenizer)
+    else:
+        check_tokenizer(meta, tokenizer, data_dir=cfg.data.dir)
+    if tokenizer is None:
+        info(f"no tokenizer found for {cfg.data.dir} (set data.tokenizer); checkpoints will not include one")
+    vocab = max(int(meta["vocab_size"]), tokenizer.vocab_size if tokenizer else 0)
+    if vocab > cfg.model.vocab_size:
+        raise HainaError(f"the tokenizer has {vocab} tokens but model.vocab_size is {cfg.model.vocab_size}; "
+                         f"set model.vocab_size ≥ {vocab} (e.g. --model.vocab_size={vocab})")
+    block = cfg.train.block_size
+    train = TokenShards(cfg.data.dir, "train")
+    train.check_length(block)
+    val = None
+    if int(meta["splits"].get("val", {}).get("tokens", 0)) > 0:
+        val = TokenShards(cfg.data.dir, "val")
+        val.check_length(block)
+    else:
+        info(f"{cfg.data.dir} has no validation split; training without evaluation")
+    if claim:
+        claim_run(cfg, overwrite=overwrite)
+    seed_everything(cfg.train.seed)  # before building the model: its initialization is part of the run
+    model = Transformer(cfg.model)
+    config = {**cfg.to_dict(), "out": str(out)}
+    trainer = Trainer(model, cfg.train, out, train_data=train, val_data=val, tokenizer=tokenizer, config=config)
+    return trainer.fit()
+
+
+__all__ = ["claim_run", "claim_run_dir", "find_recipe", "load_pretrain_config", "pretrain", "run_pretrain"]

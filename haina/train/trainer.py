@@ -5,9 +5,12 @@ schedule, evaluation, early stopping, time budgets, logging and checkpoints. Wha
 pretraining, SFT, LoRA and distillation lives in small methods a subclass overrides
 (torchtitan's `Trainer.train_step`):
 
-    next_batch()                  the next (inputs, targets) micro-batch, on the device
-    compute_loss(model, batch)    a scalar loss for one micro-batch
+    next_batch()                  the next micro-batch, on the device ((inputs, targets) for pretraining)
+    compute_loss(model, batch)    a scalar loss for one micro-batch: the mean over its targets
+    loss_weight(batch)            how many targets that mean is over (supervised tokens; DPO: pairs)
+    batch_tokens(batch)           the input tokens it trains on (padding excluded), for throughput
     trainable_parameters()        (name, parameter) pairs the optimizer updates
+    write_weights(dir) / read_weights(dir)   the model's part of a checkpoint (LoRA: only its adapters)
     eval_batches() / eval_step()  validation data and the per-batch (loss sum, count)
 
 These are also the seams for fault injection in tests: a subclass whose `compute_loss` returns NaN
@@ -15,7 +18,9 @@ at chosen steps (`self.step` is the number of steps completed) exercises the bad
 `train_step` sends a signal exercises the stop at a step boundary. Bad steps, rollbacks and stop signals are handled by
 `haina.train.guard`; the loop only asks it.
 
-`run_pretrain` wires a `PretrainConfig` to token shards, a fresh Transformer and a `Trainer`.
+A step's loss is the mean over every target of its micro-batches, Σ mean_i·w_i / Σ w_i with w_i from
+`loss_weight`: with masked targets (SFT), averaging micro-batch means would weight a short answer's tokens
+more than a long one's, and the result would change with grad_accum.
 """
 
 from __future__ import annotations
@@ -36,12 +41,11 @@ from haina.core.errors import HainaError
 from haina.core.io import write_json, write_yaml
 from haina.core.log import info, progress
 from haina.core.seed import seed_everything
-from haina.data.shards import TokenShards, check_tokenizer, find_tokenizer, read_meta
-from haina.model.checkpoint import read_weights
+from haina.model.checkpoint import read_weights, save_model
 from haina.model.transformer import Transformer, lm_loss
 from haina.tokenizer import Tokenizer
 from haina.train import checkpoint as ckpt
-from haina.train.config import PretrainConfig, TrainConfig
+from haina.train.config import TrainConfig
 from haina.train.flops import flops_per_token, matmul_params, mfu
 from haina.train.guard import StepGuard, StopSignals
 from haina.train.optim import build_adamw
@@ -100,6 +104,7 @@ class Trainer:
 
         self.step = 0
         self.tokens_seen = 0
+        self.targets_seen = 0  # the sum of loss weights: supervised tokens (all of them when pretraining)
         self.best_val_loss = math.inf
         self.bad_evals = 0  # scheduled evaluations since the best one, for early stopping
         self.initial_val_loss: float | None = None
@@ -130,41 +135,56 @@ class Trainer:
         x, y = batch
         return lm_loss(model(x), y)
 
+    def loss_weight(self, batch: Batch) -> torch.Tensor:
+        """The number of targets `compute_loss` averages over (a tensor: counting it needs no host sync)."""
+        return (batch[1] != -100).sum()
+
+    def batch_tokens(self, batch: Batch) -> int:
+        """Input tokens of the micro-batch, for tokens/s."""
+        return batch[0].numel()
+
     def eval_batches(self) -> Iterator[Batch]:
         assert self.val_data is not None
         for x, y in self.val_data.eval_batches(self.cfg.batch_size, self.cfg.block_size, self.cfg.eval_batches):
             yield self._to_device(x), self._to_device(y)
 
     def eval_step(self, batch: Batch) -> tuple[float, int]:
-        """(sum of per-token losses, number of tokens) for one validation batch."""
+        """(sum of per-target losses, number of targets) for one validation batch."""
         with autocast(self.device, self.cfg.precision):
             loss = self.compute_loss(self.forward_model, batch)
-        n = int((batch[1] != -100).sum())
-        return float(loss) * n, n
+        n = int(self.loss_weight(batch))
+        return float(loss) * n if n else 0.0, n
 
     def train_step(self, lr: float) -> dict[str, Any]:
         """One optimizer step over `grad_accum` micro-batches, applied only if the guard finds it sound.
 
-        Returns the mean loss and the gradient norm before clipping (floats) and the guard's verdict:
-        "ok" (applied), "skip" (not finite: gradients dropped) or "rollback" (the loop rolls back).
+        Returns the mean loss and the gradient norm before clipping (floats), the guard's verdict: "ok"
+        (applied), "skip" (not finite: gradients dropped) or "rollback" (the loop rolls back), and the step's
+        input tokens and loss weight (targets).
         """
         cfg = self.cfg
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        # All micro-batches first (token ids: small), so each one's share of the step's targets is known up front.
+        batches = [self.next_batch() for _ in range(cfg.grad_accum)]
+        weights = [torch.as_tensor(self.loss_weight(b), device=self.device, dtype=torch.float32) for b in batches]
+        weight = torch.stack(weights).sum()
         total = torch.zeros((), device=self.device)
-        for _ in range(cfg.grad_accum):
-            batch = self.next_batch()
+        for batch, w in zip(batches, weights):
             with autocast(self.device, cfg.precision):
                 loss = self.compute_loss(self.forward_model, batch)
-            total += loss.detach()
-            # Dividing each micro-batch's mean loss makes the summed gradients those of the full batch's mean.
-            scaled = loss / cfg.grad_accum
+            # mean_i · w_i / Σw: the summed gradients are those of the mean over all the step's targets.
+            scaled = loss * (w / weight.clamp(min=1))
+            total += scaled.detach()
             (self.scaler.scale(scaled) if self.scaler else scaled).backward()
         if self.scaler:
             self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
         norm = self.clip_gradients()
         # The one host sync per step: whether to apply this update must be known before it is applied.
-        loss_value, grad_norm = torch.stack([total / cfg.grad_accum, norm.to(total)]).tolist()
+        loss_value, grad_norm, weight_value = torch.stack([total, norm.to(total), weight]).tolist()
+        if weight_value == 0:
+            raise HainaError(f"step {self.step + 1}: every target of its {cfg.grad_accum} micro-batches is masked, so "
+                             "there is nothing to learn; check that the data has answer tokens within the context")
         if self.scaler is not None and math.isfinite(loss_value) and not math.isfinite(grad_norm):
             verdict = "ok"  # an fp16 overflow: the scaler skips this update itself and lowers its scale
         else:
@@ -177,7 +197,8 @@ class Trainer:
         if self.scaler:
             self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss_value, "grad_norm": grad_norm, "verdict": verdict}
+        return {"loss": loss_value, "grad_norm": grad_norm, "verdict": verdict,
+                "tokens": sum(self.batch_tokens(b) for b in batches), "weight": int(weight_value)}
 
     def clip_gradients(self) -> torch.Tensor:
         """Clip the gradients to train.grad_clip (0: leave them); returns their global norm before clipping."""
@@ -207,6 +228,7 @@ class Trainer:
         """Everything besides the weights needed to continue bit-exactly (plain types and tensors only)."""
         state = {
             "format": STATE_FORMAT, "step": self.step, "tokens_seen": self.tokens_seen,
+            "targets_seen": self.targets_seen,
             "best_val_loss": self.best_val_loss, "bad_evals": self.bad_evals,
             "initial_val_loss": self.initial_val_loss, "train_seconds": self.train_seconds,
             "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
@@ -221,6 +243,7 @@ class Trainer:
         if state.get("format") != STATE_FORMAT:
             raise HainaError(f"trainer state has format {state.get('format')!r}, expected {STATE_FORMAT!r}")
         self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
+        self.targets_seen = int(state.get("targets_seen", self.tokens_seen))  # older states: every token a target
         self.best_val_loss, self.bad_evals = float(state["best_val_loss"]), int(state["bad_evals"])
         self.initial_val_loss = state["initial_val_loss"]
         self.train_seconds = float(state["train_seconds"])
@@ -252,8 +275,17 @@ class Trainer:
         if diff:
             raise HainaError(f"cannot resume: {path} was trained with another architecture ({'; '.join(diff[:3])}); "
                              "use the run's model config or start a new run in another --out")
-        self.model.load_weights({k: v.to(self.device) for k, v in read_weights(path / "model.safetensors").items()})
+        self.read_weights(path)
         self.load_state_dict(ckpt.load_state(path))
+
+    def write_weights(self, directory: Path) -> None:
+        """Write the model's part of a checkpoint (weights, config.yaml, tokenizer) into `directory`."""
+        save_model(directory, self.model, self.tokenizer,
+                   extra_config={k: v for k, v in self.config.items() if k != "model"}, checksums=False)
+
+    def read_weights(self, checkpoint: Path) -> None:
+        """Load the model's part of a checkpoint that `write_weights` wrote."""
+        self.model.load_weights({k: v.to(self.device) for k, v in read_weights(checkpoint / "model.safetensors").items()})
 
     def roll_back(self, log: RunLog, say) -> None:
         """Back to the latest checkpoint after the guard's "rollback", past the data seen since it.
@@ -278,9 +310,8 @@ class Trainer:
     def save(self, val_loss: float | None) -> Path:
         """Write a checkpoint of this step; a failed write (a full disk) stops the run with one line."""
         try:
-            path = ckpt.save_checkpoint(self.run_dir, step=self.step, model=self.model, tokenizer=self.tokenizer,
-                                        config=self.config, state=self.state_dict(), val_loss=val_loss,
-                                        keep_last=self.cfg.keep_last)
+            path = ckpt.save_checkpoint(self.run_dir, step=self.step, write_weights=self.write_weights,
+                                        state=self.state_dict(), val_loss=val_loss, keep_last=self.cfg.keep_last)
             self.can_roll_back = True
             return path
         except OSError as e:
@@ -308,6 +339,7 @@ class Trainer:
         bar = progress(total=cfg.max_steps, initial=self.step, desc="train", unit="step")
         say = bar.write if not bar.disable else info
         start_step, start_tokens, start_seconds = self.step, self.tokens_seen, self.train_seconds
+        start_targets = self.targets_seen
         info(f"training {self.model.num_params():,} parameters on {self.device} ({cfg.precision}): "
              f"{cfg.tokens_per_step:,} tokens/step, steps {self.step} → {cfg.max_steps}")
 
@@ -344,7 +376,8 @@ class Trainer:
                         mark_time, mark_tokens = time.perf_counter(), self.tokens_seen
                         continue
                     self.step += 1
-                    self.tokens_seen += cfg.tokens_per_step
+                    self.tokens_seen += out["tokens"]
+                    self.targets_seen += out["weight"]
                     if out["verdict"] == "ok":
                         loss_sum, loss_steps = loss_sum + out["loss"], loss_steps + 1
                     else:
@@ -398,7 +431,8 @@ class Trainer:
         finally:
             bar.close()
             log.close()
-        return self._finish(log, final_val, stopped, wall_start, start_step, start_tokens, start_seconds, max_steps)
+        return self._finish(log, final_val, stopped, wall_start, (start_step, start_tokens, start_seconds, start_targets),
+                            max_steps)
 
     def _log_train(self, log: RunLog, bar, say, lr: float, out: dict[str, Any], loss_sum: float, loss_steps: int,
                    skipped: int, mark_time: float, mark_tokens: int, max_steps: int) -> None:
@@ -510,8 +544,9 @@ class Trainer:
             info(f"{self.run_dir} held a previous run; starting afresh (its {len(removed)} checkpoints and logs "
                  "are removed)")
 
-    def _finish(self, log: RunLog, final_val: float | None, stopped: str, wall_start: float, start_step: int,
-                start_tokens: int, start_seconds: float, max_steps: int) -> dict[str, Any]:
+    def _finish(self, log: RunLog, final_val: float | None, stopped: str, wall_start: float,
+                start: tuple[int, int, float, int], max_steps: int) -> dict[str, Any]:
+        start_step, start_tokens, start_seconds, start_targets = start  # where this run (not a resumed one) began
         # This run's tokens over this run's time: train_seconds also holds a resumed run's earlier time.
         tokens_this_run = self.tokens_seen - start_tokens
         seconds_this_run = self.train_seconds - start_seconds
@@ -519,7 +554,8 @@ class Trainer:
         best = min(self.best_val_loss, final_val if final_val is not None else math.inf)
         index = ckpt.read_index(self.run_dir) or {}
         report = {
-            "steps": self.step, "train_tokens": self.tokens_seen,
+            "steps": self.step, "train_tokens": self.tokens_seen, "supervised_tokens": self.targets_seen,
+            "supervised_tokens_per_sec": tps * (self.targets_seen - start_targets) / max(tokens_this_run, 1),
             "val_loss": final_val, "val_ppl": None if final_val is None else math.exp(min(final_val, 50.0)),
             "best_val_loss": None if math.isinf(best) else best, "initial_val_loss": self.initial_val_loss,
             "tokens_per_sec": tps, "mfu": mfu(tps, self.flops_per_token, self.peak_flops) if tps else 0.0,
@@ -539,49 +575,4 @@ class Trainer:
         return report
 
 
-# --------------------------------------------------------------------------- pretraining
-def run_pretrain(cfg: PretrainConfig, tokenizer: Tokenizer | None = None, *, claim: bool = False,
-                 overwrite: bool = False) -> dict[str, Any]:
-    """Pretrain a fresh Transformer on the token shards named by `cfg`; returns the run report.
-
-    Args:
-        cfg: the full pretraining config (model, data, train, out).
-        tokenizer: the shards' tokenizer if the caller has it; else found via data.tokenizer or beside the shards.
-        claim: check and claim `cfg.out` as `haina pretrain` does (`claim_run`), once the inputs are found
-            sound; a caller that owns the directory already (the quickstart) leaves it False.
-        overwrite: with `claim`, start over in an existing directory.
-    """
-    cfg = cfg.resolved()
-    out = Path(cfg.out or "runs/pretrain")
-    meta = read_meta(cfg.data.dir)
-    if tokenizer is None:
-        tokenizer = find_tokenizer(cfg.data.dir, cfg.data.tokenizer)
-    else:
-        check_tokenizer(meta, tokenizer, data_dir=cfg.data.dir)
-    if tokenizer is None:
-        info(f"no tokenizer found for {cfg.data.dir} (set data.tokenizer); checkpoints will not include one")
-    vocab = max(int(meta["vocab_size"]), tokenizer.vocab_size if tokenizer else 0)
-    if vocab > cfg.model.vocab_size:
-        raise HainaError(f"the tokenizer has {vocab} tokens but model.vocab_size is {cfg.model.vocab_size}; "
-                         f"set model.vocab_size ≥ {vocab} (e.g. --model.vocab_size={vocab})")
-    block = cfg.train.block_size
-    train = TokenShards(cfg.data.dir, "train")
-    train.check_length(block)
-    val = None
-    if int(meta["splits"].get("val", {}).get("tokens", 0)) > 0:
-        val = TokenShards(cfg.data.dir, "val")
-        val.check_length(block)
-    else:
-        info(f"{cfg.data.dir} has no validation split; training without evaluation")
-    if claim:
-        from haina.train.pretrain import claim_run  # pretrain.py imports this module when it runs
-
-        claim_run(cfg, overwrite=overwrite)
-    seed_everything(cfg.train.seed)  # before building the model: its initialization is part of the run
-    model = Transformer(cfg.model)
-    config = {**cfg.to_dict(), "out": str(out)}
-    trainer = Trainer(model, cfg.train, out, train_data=train, val_data=val, tokenizer=tokenizer, config=config)
-    return trainer.fit()
-
-
-__all__ = ["BatchSource", "Trainer", "run_pretrain"]
+__all__ = ["BatchSource", "Trainer"]

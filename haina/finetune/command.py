@@ -1,0 +1,119 @@
+"""`haina finetune <method>` and `haina finetune merge`: recipes plus flags plus dotted overrides → a run.
+
+Every method reads a recipe from `recipes/finetune/` (by default the one named like the method),
+applies the command's flags, then `--section.key=value` overrides (`--lora.r=8`, `--train.lr=3e-4`),
+and writes the resolved config into the run directory, as `haina pretrain` does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from haina.core.config import load_yaml, merge, parse_overrides
+from haina.core.errors import HainaError
+from haina.core.log import info
+from haina.finetune.config import FinetuneConfig
+from haina.train.pretrain import find_recipe
+
+
+def load_finetune_config(method: str, config: str | None, flags: dict[str, Any],
+                         overrides: list[str] | tuple[str, ...] = ()) -> FinetuneConfig:
+    """The resolved config of `haina finetune METHOD`: recipe, then flags, then dotted overrides."""
+    raw = load_yaml(find_recipe(config or method, stage="finetune"))
+    raw = merge(merge(raw, flags), parse_overrides(list(overrides)))
+    cfg = FinetuneConfig.from_dict({**raw, "method": method})
+    return cfg
+
+
+def _flags(base: str | None, data: list[str] | None, out: str | None, val: list[str] | None = None,
+           resume: bool = False, **more: Any) -> dict[str, Any]:
+    flags: dict[str, Any] = {"data": {}}
+    if base is not None:
+        flags["base"] = base
+    if data:
+        flags["data"]["train"] = list(data)
+    if val:
+        flags["data"]["val"] = list(val)
+    if out is not None:
+        flags["out"] = out
+    if resume:
+        flags["train"] = {"resume": True}
+    for key, value in more.items():
+        section, _, name = key.partition(".")
+        flags.setdefault(section, {})[name] = value
+    return flags
+
+
+def _summary(report: dict[str, Any], out: str | None) -> None:
+    val = report.get("val_loss")
+    before = report.get("initial_val_loss")
+    loss_text = "" if val is None else (f"val loss {before:.4f} → {val:.4f}, " if before is not None
+                                        else f"val loss {val:.4f}, ")
+    print(f"{report['steps']} steps, {report['train_tokens']:,} tokens ({report.get('supervised_tokens', 0):,} "
+          f"supervised), {loss_text}{report['tokens_per_sec']:,.0f} tokens/s, stopped by {report['stopped_because']}")
+    print(f"run: {out}   checkpoint: {report.get('best_checkpoint')}")
+
+
+def sft_command(base: str, data: list[str], out: str, config: str | None = None, val: list[str] | None = None,
+                train_on_prompt: bool = False, resume: bool = False, overwrite: bool = False,
+                overrides: list[str] = ()) -> None:
+    """Supervised fine-tuning on chat or instruction records, all weights or LoRA adapters (--lora.r=8).
+
+    Records are JSONL: chat ({"messages": [{"role", "content"}, ...]}), instruction ({"prompt", "response"}) or
+    Alpaca ({"instruction", "input", "output"}). Each is rendered with the base's chat template (ChatML when it has
+    none) and the loss covers the assistant's tokens, each turn's end marker included, so the model learns to stop.
+    Bad records are counted and kept with their reason in OUT/rejects.jsonl. The run directory is like
+    pretraining's (config.yaml, metrics.jsonl, tb/, loss.png, report.json, checkpoints/) and works with generate,
+    chat, serve and export hf. Any --section.key=value overrides the recipe (--lora.r=8 --train.lr=3e-4).
+
+    Args:
+        base: the model to start from: a haina checkpoint or run directory, or a Hugging Face directory.
+        data: chat or instruction JSONL files.
+        out: the run directory to write.
+        config: a recipe file or the name of a bundled one in recipes/finetune (default: sft).
+        val: held-out JSONL files for validation (default: a share of --data, data.val_fraction).
+        train_on_prompt: put the loss on the prompts too, not only on the answers.
+        resume: continue the run in --out from its latest checkpoint.
+        overwrite: start over in an existing --out.
+    """
+    from haina.finetune.sft import run_sft
+
+    flags = _flags(base, data, out, val, resume)
+    if train_on_prompt:
+        flags["data"]["train_on_prompt"] = True
+    cfg = load_finetune_config("sft", config, flags, overrides)
+    _summary(run_sft(cfg, overwrite=overwrite), cfg.out)
+
+
+def merge_command(checkpoint: str, out: str, overwrite: bool = False) -> None:
+    """Fold a LoRA run's adapters into its base: a plain checkpoint that needs neither again.
+
+    The result gives the same logits as base + adapters (within float rounding) and loads anywhere a
+    checkpoint does (generate, chat, serve, export hf, and --base of another fine-tuning run).
+
+    Args:
+        checkpoint: a LoRA run directory (its best checkpoint) or one of its checkpoint directories.
+        out: the checkpoint directory to write (an earlier merge there is replaced; anything else needs --overwrite).
+        overwrite: replace an existing OUT that is not a merge output (never the run or its base).
+    """
+    import torch
+
+    from haina.core.output import check_output, output_dir
+    from haina.model.checkpoint import load_model, save_model
+    from haina.model.lora import has_lora, merge_lora, read_adapter_config, resolve_adapter
+
+    adapter = resolve_adapter(checkpoint)
+    base = read_adapter_config(adapter).get("base")
+    inputs = [checkpoint] + ([base] if base else [])
+    check_output(out, "finetune merge", inputs=inputs, overwrite=overwrite)
+    model, tokenizer = load_model(adapter)
+    if not has_lora(model):
+        raise HainaError(f"{checkpoint} has no LoRA adapters to merge; it is a whole model already")
+    merge_lora(model)
+    with torch.no_grad(), output_dir(out, "finetune merge", inputs=inputs, overwrite=overwrite) as tmp:
+        save_model(tmp, model, tokenizer, extra_config={"source": {"merged_adapter": str(adapter.resolve()),
+                                                                   "base": base}})
+    info(f"merged {adapter} into its base ({model.num_params():,} parameters): {out}")
+
+
+__all__ = ["load_finetune_config", "merge_command", "sft_command"]
