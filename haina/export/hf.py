@@ -22,6 +22,7 @@ from haina.core.output import check_output, output_dir
 from haina.model.checkpoint import load_model, save_model
 from haina.model.hf import DTYPES, read_hf_config, to_hf_config, to_hf_state_dict
 from haina.model.hf_import import import_hf, load_hf_tokenizer  # noqa: F401 (re-exported: the import half lives in model)
+from haina.model.lora import has_lora, merge_lora
 from haina.model.transformer import Transformer
 from haina.tokenizer import Tokenizer
 
@@ -101,6 +102,10 @@ def export_hf_command(checkpoint: str, out: str, dtype: Literal["float32", "bflo
     """
     check_output(out, EXPORT, inputs=[checkpoint], overwrite=overwrite)  # before loading the model
     model, tokenizer = load_model(checkpoint)
+    if has_lora(model):  # a LoRA run: transformers gets one plain model, the adapters folded in
+        merge_lora(model)
+        info("the checkpoint is a LoRA run: its adapters are merged into the exported weights "
+             "(haina export peft writes them apart)")
     if tokenizer is None:
         info("the checkpoint has no tokenizer: exporting the model only")
     export_hf(model, tokenizer, out, dtype=dtype, overwrite=overwrite, inputs=(checkpoint,))

@@ -61,7 +61,8 @@ def sft_command(base: str, data: list[str], out: str, config: str | None = None,
 
     Records are JSONL: chat ({"messages": [{"role", "content"}, ...]}), instruction ({"prompt", "response"}) or
     Alpaca ({"instruction", "input", "output"}). Each is rendered with the base's chat template (ChatML when it has
-    none) and the loss covers the assistant's tokens, each turn's end marker included, so the model learns to stop.
+    none; a plain "### User:" template ending answers with EOS when its vocabulary has no room for ChatML's markers)
+    and the loss covers the assistant's tokens, each turn's end marker included, so the model learns to stop.
     Bad records are counted and kept with their reason in OUT/rejects.jsonl. The run directory is like
     pretraining's (config.yaml, metrics.jsonl, tb/, loss.png, report.json, checkpoints/) and works with generate,
     chat, serve and export hf. Any --section.key=value overrides the recipe (--lora.r=8 --train.lr=3e-4).

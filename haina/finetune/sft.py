@@ -57,7 +57,9 @@ class SFTTrainer(FinetuneTrainer):
         return {k: self._to_device(v) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     def compute_loss(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        return lm_loss(model(batch["x"], **model_inputs(batch)), batch["y"])
+        y = batch["y"]
+        supervised = y != -100  # the LM head runs only where there is a target: prompts and padding have none
+        return lm_loss(model(batch["x"], select=supervised, **model_inputs(batch)), y[supervised])
 
     def loss_weight(self, batch: Batch) -> torch.Tensor:
         return (batch["y"] != -100).sum()

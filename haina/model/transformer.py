@@ -58,8 +58,9 @@ class Transformer(nn.Module):
 
     # ----------------------------------------------------------------- forward
     def forward(self, idx: torch.Tensor, *, positions: torch.Tensor | None = None,
-                cache: KVCacheLike | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Token ids (B, T) -> logits (B, T, vocab).
+                cache: KVCacheLike | None = None, attn_mask: torch.Tensor | None = None,
+                select: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids (B, T) -> logits (B, T, vocab), or (N, vocab) for the N positions `select` keeps.
 
         Args:
             idx: token ids (B, T).
@@ -67,8 +68,11 @@ class Transformer(nn.Module):
             cache: the inference engine's KV cache; None for training and plain scoring.
             attn_mask: bool (B, 1, T, T), True where a query may attend, instead of causal attention
                 (documents packed into one row, with positions restarting per document); not with `cache`.
+            select: bool (B, T): compute logits only where True. Fine-tuning's loss needs only the answer
+                tokens, and on a small model the LM head and its softmax are a quarter of the step.
         """
-        return self.lm_head(self.hidden_states(idx, positions=positions, cache=cache, attn_mask=attn_mask))
+        h = self.hidden_states(idx, positions=positions, cache=cache, attn_mask=attn_mask)
+        return self.lm_head(h if select is None else h[select])  # (B, T, C) or (N, C)
 
     def hidden_states(self, idx: torch.Tensor, *, positions: torch.Tensor | None = None,
                       cache: KVCacheLike | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -78,6 +78,13 @@ def test_sft_learns_task_and_stops(base, tmp_path, lora):
         merged, _ = load_model(tmp_path / "merged")
         x = torch.tensor([encode_chat(tok, [{"role": "user", "content": "What color is snow?"}])])
         torch.testing.assert_close(merged(x), model(x), atol=1e-5, rtol=1e-5)
+        # export hf of the LoRA run: one plain transformers model with the adapters folded in
+        from transformers import AutoModelForCausalLM
+
+        assert main(["export", "hf", "--checkpoint", str(out), "--out", str(tmp_path / "hf")]) == 0
+        hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"))
+        with torch.no_grad():
+            torch.testing.assert_close(hf(x).logits, model(x), atol=1e-4, rtol=1e-4)
     else:
         assert "model.safetensors" in files
 

@@ -140,3 +140,15 @@ def test_checkpoint_round_trip_and_architecture_mismatch(tmp_path):
         other.load_weights(loaded.weights())
     with pytest.raises(HainaError, match="checkpoint not found"):
         load_model(tmp_path / "missing")
+
+
+def test_select_computes_logits_only_where_asked():
+    import torch
+
+    from haina.model import ModelConfig, Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    x = torch.randint(0, 64, (3, 10))
+    keep = torch.rand(3, 10) > 0.5
+    torch.testing.assert_close(model(x, select=keep), model(x)[keep])
