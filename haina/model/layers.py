@@ -108,8 +108,11 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                cache: KVCacheLike | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        y = self.proj(self._attend(self.qkv(x), rope, cache, attn_mask))
+                cache: KVCacheLike | None = None, attn_mask: torch.Tensor | None = None,
+                select: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, C) -> (B, T, C), or (N, C) for the positions `select` (bool (B, T)) keeps."""
+        y = self._attend(self.qkv(x), rope, cache, attn_mask)
+        y = self.proj(y if select is None else y[select])
         return F.dropout(y, self.dropout) if self.training and self.dropout else y
 
     def decode(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
@@ -186,8 +189,15 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                cache: KVCacheLike | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), rope, cache, attn_mask)
+                cache: KVCacheLike | None = None, attn_mask: torch.Tensor | None = None,
+                select: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, C) -> (B, T, C); with `select` (bool (B, T)), (N, C) for the kept positions only.
+
+        Every position still supplies keys and values; only the kept ones go on through the output
+        projection and the MLP, the larger part of a block's work.
+        """
+        a = self.attn(self.norm1(x), rope, cache, attn_mask, select)
+        x = (x if select is None else x[select]) + a
         return x + self.mlp(self.norm2(x))
 
     def decode(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,

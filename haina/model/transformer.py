@@ -71,12 +71,17 @@ class Transformer(nn.Module):
             select: bool (B, T): compute logits only where True. Fine-tuning's loss needs only the answer
                 tokens, and on a small model the LM head and its softmax are a quarter of the step.
         """
-        h = self.hidden_states(idx, positions=positions, cache=cache, attn_mask=attn_mask)
-        return self.lm_head(h if select is None else h[select])  # (B, T, C) or (N, C)
+        return self.lm_head(self.hidden_states(idx, positions=positions, cache=cache, attn_mask=attn_mask,
+                                               select=select))
 
     def hidden_states(self, idx: torch.Tensor, *, positions: torch.Tensor | None = None,
-                      cache: KVCacheLike | None = None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The final normalized hidden states (B, T, C), before the LM head."""
+                      cache: KVCacheLike | None = None, attn_mask: torch.Tensor | None = None,
+                      select: torch.Tensor | None = None) -> torch.Tensor:
+        """The final normalized hidden states (B, T, C) before the LM head; (N, C) at `select`'s positions.
+
+        Only the last block can skip the unselected positions: the earlier ones give keys and values to
+        every later position.
+        """
         B, T = idx.shape
         cfg = self.cfg
         if attn_mask is not None and cache is not None:
@@ -86,12 +91,14 @@ class Transformer(nn.Module):
                 raise HainaError(f"sequence of {T} tokens exceeds the model's context of {cfg.block_size}")
             positions = torch.arange(T, device=idx.device).expand(B, T)
         x, rope = self._embed(idx, positions)
-        for block in self.blocks:
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            keep = select if i == last else None
             if self.gradient_checkpointing and self.training:
                 # Recompute activations in backward: memory O(layers) instead of O(layers · T · C).
-                x = checkpoint(block, x, rope, cache, attn_mask, use_reentrant=False)
+                x = checkpoint(block, x, rope, cache, attn_mask, keep, use_reentrant=False)
             else:
-                x = block(x, rope, cache, attn_mask)
+                x = block(x, rope, cache, attn_mask, keep)
         return self.norm_f(x)
 
     def decode(self, idx: torch.Tensor, *, positions: torch.Tensor, cache: KVCacheLike,

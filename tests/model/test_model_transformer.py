@@ -152,3 +152,25 @@ def test_select_computes_logits_only_where_asked():
     x = torch.randint(0, 64, (3, 10))
     keep = torch.rand(3, 10) > 0.5
     torch.testing.assert_close(model(x, select=keep), model(x)[keep])
+
+
+def test_select_gives_the_same_gradients_as_slicing_full_logits():
+    """The last block skips unselected positions: the loss and every gradient must not change."""
+    import torch
+
+    from haina.model import ModelConfig, Transformer
+    from haina.model.transformer import lm_loss
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=16, pos="rope",
+                                    norm="rmsnorm", mlp="swiglu", bias=False))
+    x, y = torch.randint(0, 64, (3, 12)), torch.randint(0, 64, (3, 12))
+    keep = torch.rand(3, 12) > 0.6
+    grads = []
+    for select in (False, True):
+        model.zero_grad()
+        logits = model(x, select=keep) if select else model(x)[keep]
+        lm_loss(logits, y[keep]).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7)
