@@ -28,11 +28,11 @@ from haina.finetune.batching import IGNORE_INDEX
 from haina.finetune.sft_data import (
     ChatTemplateError,
     RecordError,
-    _clip,
-    _json_type,
-    _text,
+    clip_record,
     encode_conversation,
     iter_jsonl,
+    json_type,
+    message_text,
     record_to_messages,
 )
 from haina.generate.chat import encode_chat
@@ -82,20 +82,20 @@ def _answer(value: object, what: str) -> str:
         if value[0].get("role") != "assistant":
             raise RecordError(f"{what}'s message has role {value[0].get('role')!r}, not 'assistant'")
         value = value[0].get("content")
-    return _text(value, what)
+    return message_text(value, what)
 
 
 def record_to_preference(obj: object) -> tuple[list[dict], str, str]:
     """(prompt messages, chosen text, rejected text) of a record; RecordError(reason) if it is unusable."""
     if not isinstance(obj, dict):
-        raise RecordError(f"not a JSON object ({_json_type(obj)})")
+        raise RecordError(f"not a JSON object ({json_type(obj)})")
     missing = [k for k in KEYS if k not in obj]
     if missing:
         raise RecordError(f"no '{missing[0]}' (a preference record needs 'prompt', 'chosen' and 'rejected')")
     chosen, rejected = _answer(obj["chosen"], "chosen"), _answer(obj["rejected"], "rejected")
     prompt = obj["prompt"]
     if isinstance(prompt, str):
-        prompt = [{"role": "user", "content": _text(prompt, "prompt")}]
+        prompt = [{"role": "user", "content": message_text(prompt, "prompt")}]
     elif isinstance(prompt, list):
         if not prompt:
             raise RecordError("prompt is an empty list of messages")
@@ -106,7 +106,7 @@ def record_to_preference(obj: object) -> tuple[list[dict], str, str]:
         # The SFT reader checks the messages (roles, contents, names); the answer closes the conversation.
         prompt = record_to_messages({"messages": [*prompt, {"role": "assistant", "content": chosen}]})[:-1]
     else:
-        raise RecordError(f"prompt is {_json_type(prompt)}, not a string or a list of messages")
+        raise RecordError(f"prompt is {json_type(prompt)}, not a string or a list of messages")
     if chosen == rejected:
         raise RecordError("chosen and rejected are the same text: the pair prefers nothing")
     return prompt, chosen, rejected
@@ -123,7 +123,7 @@ def read_preferences(paths: str | Path | Sequence[str | Path]) -> PreferenceReco
                 continue
             except RecordError as e:
                 reason = str(e)
-        out.rejects.append({"source": rec.source, "line": rec.line, "reason": reason, "record": _clip(rec.raw)})
+        out.rejects.append({"source": rec.source, "line": rec.line, "reason": reason, "record": clip_record(rec.raw)})
     if not out.pairs:
         names = [str(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
         place = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
@@ -188,7 +188,7 @@ def tokenize_preferences(tokenizer: Tokenizer, pairs: Sequence[Preference], *,
                 continue
         record = {"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected}
         rejects.append({"source": p.source, "line": p.line, "reason": reason,
-                        "record": _clip(json.dumps(record, ensure_ascii=False))})
+                        "record": clip_record(json.dumps(record, ensure_ascii=False))})
     return out, rejects
 
 

@@ -31,8 +31,9 @@ from haina.data.prepare.readers import COMPRESSIONS, open_binary
 from haina.generate.chat import IM_END, IM_START, chat_stop_token_ids, encode_chat, ensure_chat_tokens
 from haina.tokenizer import Tokenizer
 
-__all__ = ["ChatTemplateError", "Example", "JsonlRecord", "RecordError", "SFTRecords", "encode_conversation", "iter_jsonl",
-           "prepare_chat_tokenizer", "read_sft_records", "record_to_messages", "tokenize_sft", "write_rejects"]
+__all__ = ["ChatTemplateError", "Example", "JsonlRecord", "RecordError", "SFTRecords", "clip_record", "encode_conversation",
+           "iter_jsonl", "json_type", "message_text", "prepare_chat_tokenizer", "read_sft_records", "record_to_messages",
+           "template_note", "tokenize_sft", "write_rejects"]
 
 ROLES = ("system", "user", "assistant")
 MAX_REJECT_CHARS = 4096  # a rejected record is kept truncated to this: enough to see what is wrong with it
@@ -111,7 +112,7 @@ def _is_json_file(path: Path) -> bool:
     return _suffix(path) in SUFFIXES and not path.name.startswith(".")
 
 
-def _clip(raw: str) -> str:
+def clip_record(raw: str) -> str:
     return raw if len(raw) <= MAX_REJECT_CHARS else raw[:MAX_REJECT_CHARS] + " …[truncated]"
 
 
@@ -171,18 +172,18 @@ def _read_file(source: str, f) -> Iterator[JsonlRecord]:
         yield JsonlRecord(source, n, obj, None, line)
 
 
-def _text(value: object, what: str) -> str:
+def message_text(value: object, what: str) -> str:
     """A message text as a str, or RecordError with the reason it is unusable."""
     if isinstance(value, list):  # OpenAI content parts
         parts = []
         for p in value:
             if not (isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)):
-                kind = f"of type {p.get('type')!r}" if isinstance(p, dict) else f"that is {_json_type(p)}"
+                kind = f"of type {p.get('type')!r}" if isinstance(p, dict) else f"that is {json_type(p)}"
                 raise RecordError(f"{what} has a part {kind}; only text parts can be trained on")
             parts.append(p["text"])
         value = "".join(parts)
     if not isinstance(value, str):
-        raise RecordError(f"{what} is {_json_type(value)}, not a string")
+        raise RecordError(f"{what} is {json_type(value)}, not a string")
     if not value.strip():
         raise RecordError(f"{what} is empty")
     if not value.isascii() and _SURROGATE.search(value):
@@ -190,7 +191,7 @@ def _text(value: object, what: str) -> str:
     return value
 
 
-def _json_type(value: object) -> str:
+def json_type(value: object) -> str:
     """What a JSON value is, in JSON's words (the user wrote JSON, not Python)."""
     if value is None:
         return "null"
@@ -202,7 +203,7 @@ def _json_type(value: object) -> str:
 def record_to_messages(obj: object) -> list[dict]:
     """The conversation a record holds, ending with its last assistant turn; RecordError(reason) if unusable."""
     if not isinstance(obj, dict):
-        raise RecordError(f"not a JSON object ({_json_type(obj)})")
+        raise RecordError(f"not a JSON object ({json_type(obj)})")
     if "messages" in obj:
         raw = obj["messages"]
         if not isinstance(raw, list) or not raw:
@@ -214,7 +215,7 @@ def record_to_messages(obj: object) -> list[dict]:
             role = m.get("role")
             if role not in ROLES:
                 raise RecordError(f"unknown role {role!r} (expected system, user or assistant)")
-            msg = {"role": role, "content": _text(m.get("content"), f"{role} content")}
+            msg = {"role": role, "content": message_text(m.get("content"), f"{role} content")}
             if m.get("name") is not None:
                 if not isinstance(m["name"], str):
                     raise RecordError("a message 'name' is not a string")
@@ -222,18 +223,18 @@ def record_to_messages(obj: object) -> list[dict]:
             msgs.append(msg)
     elif "prompt" in obj and "response" in obj:
         system = obj.get("system")
-        msgs = [{"role": "system", "content": _text(system, "system")}] if system not in (None, "") else []
-        msgs += [{"role": "user", "content": _text(obj["prompt"], "prompt")},
-                 {"role": "assistant", "content": _text(obj["response"], "response")}]
+        msgs = [{"role": "system", "content": message_text(system, "system")}] if system not in (None, "") else []
+        msgs += [{"role": "user", "content": message_text(obj["prompt"], "prompt")},
+                 {"role": "assistant", "content": message_text(obj["response"], "response")}]
     elif "instruction" in obj and "output" in obj:
-        instruction = _text(obj["instruction"], "instruction")
+        instruction = message_text(obj["instruction"], "instruction")
         extra = obj.get("input")
         if extra not in (None, ""):
             if not isinstance(extra, str):
-                raise RecordError(f"input is {_json_type(extra)}, not a string")
+                raise RecordError(f"input is {json_type(extra)}, not a string")
             instruction += "\n\n" + extra
         msgs = [{"role": "user", "content": instruction},
-                {"role": "assistant", "content": _text(obj["output"], "output")}]
+                {"role": "assistant", "content": message_text(obj["output"], "output")}]
     else:
         raise RecordError(f"no known shape (expected {SHAPES})")
     # What follows the last answer teaches nothing: there is no answer to it.
@@ -258,7 +259,7 @@ def read_sft_records(paths: str | Path | Sequence[str | Path]) -> SFTRecords:
                 continue
             except RecordError as e:
                 reason = str(e)
-        out.rejects.append({"source": rec.source, "line": rec.line, "reason": reason, "record": _clip(rec.raw)})
+        out.rejects.append({"source": rec.source, "line": rec.line, "reason": reason, "record": clip_record(rec.raw)})
     if not out.conversations:
         where = [paths] if isinstance(paths, (str, Path)) else paths
         raise HainaError(_nothing_usable(where, out.rejects))
@@ -415,5 +416,5 @@ def tokenize_sft(tokenizer: Tokenizer, conversations: Sequence[Sequence[dict]], 
             examples.append(ex)
         else:
             rejects.append({"source": source, "line": line, "reason": reason,
-                            "record": _clip(json.dumps({"messages": list(messages)}, ensure_ascii=False))})
+                            "record": clip_record(json.dumps({"messages": list(messages)}, ensure_ascii=False))})
     return examples, rejects
