@@ -7,7 +7,7 @@ positions, so a prompt's greedy output does not depend on its batch neighbours. 
 leave at once and the last running slot moves into the hole, keeping running slots packed at the
 front of the cache.
 
-A model holding several LoRA adapters (`haina.model.lora.load_adapters`) serves each request with
+A model holding several LoRA adapters (`haina.model.lora_serving.load_adapters`) serves each request with
 its own one: before every model call the engine tells the adapter layers which adapter each row
 uses, so requests for different adapters share a batch. A model without them costs nothing extra.
 
@@ -31,7 +31,7 @@ from haina.generate.cache import KVCache
 from haina.generate.head import DecodeHead
 from haina.generate.outputs import GenerationResult, StepEvent, TokenLogprob, token_logprobs
 from haina.generate.sampling import RowState, SamplingParams, sample_tokens
-from haina.model.lora import adapter_selection
+from haina.model.lora_serving import adapter_selection
 from haina.model.transformer import Transformer
 
 __all__ = ["Engine", "GenerationResult", "StepEvent", "TokenLogprob"]
@@ -102,7 +102,7 @@ class Engine:
 
     @property
     def num_adapters(self) -> int:
-        """LoRA adapters the model holds (`haina.model.lora.load_adapters`), selectable per request."""
+        """LoRA adapters the model holds (`haina.model.lora_serving.load_adapters`), selectable per request."""
         return 0 if self._adapters is None else self._adapters.count
 
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams, adapter: int = -1) -> None:
@@ -154,7 +154,7 @@ class Engine:
         """A one-line HainaError unless `adapter` is -1 (the base) or the index of an adapter the model holds."""
         if adapter != -1 and not 0 <= adapter < self.num_adapters:
             raise HainaError(f"adapter {adapter} is not loaded: the model holds {self.num_adapters} adapter(s) "
-                             "(haina.model.lora.load_adapters stacks them); -1 runs the base alone")
+                             "(haina.model.lora_serving.load_adapters stacks them); -1 runs the base alone")
 
     def _select(self, adapters: int | list[int]) -> None:
         """Tell the adapter layers which adapter each row of the next model call uses."""

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Literal
@@ -203,6 +202,8 @@ def apply_lora(model: Transformer, cfg: LoRAConfig) -> list[str]:
     """
     if cfg.r < 1:
         raise HainaError("LoRA is off (lora.r=0); set lora.r to the adapter rank, e.g. --lora.r=8")
+    from haina.model.lora_serving import adapter_selection  # it builds on this module
+
     if has_lora(model) or adapter_selection(model) is not None:
         raise HainaError("the model already has LoRA adapters; apply LoRA once, or merge_lora first")
     plan = lora_plan(model.cfg, cfg.targets)
@@ -249,13 +250,13 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def load_adapter_state_dict(model: nn.Module, sd: dict[str, torch.Tensor], where: str = "the adapter") -> None:
     """Copy adapter tensors into an adapted model; every name and shape must match (strict)."""
     expected = adapter_state_dict(model)
-    _check_layout({k: tuple(v.shape) for k, v in expected.items()}, sd, where)
+    check_adapter_layout({k: tuple(v.shape) for k, v in expected.items()}, sd, where)
     with torch.no_grad():
         for k, v in expected.items():
             v.copy_(sd[k])
 
 
-def _check_layout(expected: dict[str, tuple[int, ...]], sd: dict[str, torch.Tensor], where: str) -> None:
+def check_adapter_layout(expected: dict[str, tuple[int, ...]], sd: dict[str, torch.Tensor], where: str) -> None:
     """One line naming the first missing, unexpected or misshapen tensor of `sd` against `expected` shapes."""
     missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
     wrong = [k for k in expected if k in sd and tuple(sd[k].shape) != expected[k]]
@@ -264,6 +265,18 @@ def _check_layout(expected: dict[str, tuple[int, ...]], sd: dict[str, torch.Tens
             f"{wrong[0]} is {tuple(sd[wrong[0]].shape)}, the model expects {expected[wrong[0]]}"
         raise HainaError(f"{where} does not fit this model's LoRA layout ({detail}); load it with the "
                          "adapter_config.json saved beside it")
+
+
+def adapter_layout(model: Transformer, plan: dict[str, dict[str, Range]], r: int) -> dict[str, tuple[int, ...]]:
+    """The names and shapes of the tensors an adapter of rank r with this plan holds for `model`."""
+    shapes: dict[str, tuple[int, ...]] = {}
+    for i, block in enumerate(model.blocks):
+        for module, parts in plan.items():
+            in_features = block.get_submodule(module).in_features
+            for name, (start, stop) in parts.items():
+                prefix = f"blocks.{i}.{module}.lora.{name}."
+                shapes[prefix + "A"], shapes[prefix + "B"] = (r, in_features), (stop - start, r)
+    return shapes
 
 
 def base_weights_hash(model: Transformer) -> str:
@@ -383,14 +396,14 @@ def load_adapter(model: Transformer, path: str | Path, *, check_base: bool = Tru
     path = Path(path)
     data, weights = read_adapter(path)
     if check_base:
-        _check_base(model, data, path, {})
+        check_adapter_base(model, data, path, {})
     cfg = LoRAConfig.from_dict(lora_fields(data))
     apply_lora(model, cfg)
     load_adapter_state_dict(model, weights, where=str(path / ADAPTER_WEIGHTS))
     return cfg
 
 
-def _check_base(model: Transformer, data: dict, path: Path, hashes: dict[str, str]) -> None:
+def check_adapter_base(model: Transformer, data: dict, path: Path, hashes: dict[str, str]) -> None:
     """Refuse an adapter (its checked config `data`) trained on another base; `hashes` keeps the base's hash."""
     if ModelConfig.from_dict(data["model"]) != model.cfg or _differs(model, data["base_hash"], hashes):
         raise HainaError(f"adapter {path} was trained on another base model (recorded base: "
@@ -407,151 +420,7 @@ def _differs(model: Transformer, recorded: str, hashes: dict[str, str]) -> bool:
     return hashes["base"] != recorded
 
 
-# ---------------------------------------------------------------------------------------- serving several
-class AdapterSelection:
-    """Which adapter each row of a model's next call uses: one object shared by all its MultiLoRALinears.
-
-    The generation engine sets it before every forward or decode call. The common cases stay cheap: when
-    every row agrees, the layers add nothing (the base alone) or one adapter's low-rank product (for any
-    batch size, so a stale setting cannot mismatch a later call's shape); only a batch whose rows differ
-    builds a per-row index, and the layers then gather each row's A and B and multiply batch-wise.
-
-    Args:
-        count: how many adapters the model holds (indices 0..count-1).
-    """
-
-    def __init__(self, count: int):
-        self.count = count
-        self.slot = 0  # the stack slot of every row when `rows` is None; slot 0 holds zeros (the base)
-        self.rows: torch.Tensor | None = None  # (B,) the stack slot of each row, when the rows differ
-
-    def select(self, adapters: int | Sequence[int], device: str | torch.device | None = None) -> None:
-        """Choose the adapter of every row (an int) or of each row (a sequence); -1 is the base alone."""
-        choice = [adapters] if isinstance(adapters, int) else list(adapters)
-        bad = next((a for a in choice if not -1 <= a < self.count), None)
-        if bad is not None:
-            raise HainaError(f"adapter index {bad} is out of range: the model holds {self.count} adapter(s), "
-                             f"0..{self.count - 1}, and -1 is the base")
-        if all(a == choice[0] for a in choice):
-            self.slot, self.rows = (choice[0] + 1 if choice else 0), None
-        else:
-            self.rows = torch.tensor([a + 1 for a in choice], device=device)
-
-
-class MultiLoRALinear(nn.Linear):
-    """A frozen Linear holding several adapters at once, for serving: each batch row adds its own one's delta.
-
-    Built by `load_adapters`, never trained. For each span of output rows that any adapter targets, the
-    adapters' A and B are stacked, transposed so that no transpose runs per call, with the scale folded
-    into B: `At` (n + 1, in, r) and `Bt` (n + 1, r, rows), slot 0 all zeros for the base and slot i + 1
-    for adapter i. An adapter that does not target a span, or has a smaller rank than the largest, has
-    zeros there, which add exactly nothing. The stacks are non-persistent buffers: they follow the model
-    to a device or dtype but stay out of its state dict (and so out of the base's hash).
-    """
-
-    def __init__(self, base: nn.Linear, spans: list[Range], *, count: int, rank: int, selection: AdapterSelection):
-        super().__init__(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
-        self.weight, self.bias = base.weight, base.bias
-        self.spans, self.selection = list(spans), selection
-        w = base.weight
-        for k, (start, stop) in enumerate(self.spans):
-            self.register_buffer(f"At{k}", torch.zeros(count + 1, self.in_features, rank, device=w.device,
-                                                       dtype=w.dtype), persistent=False)
-            self.register_buffer(f"Bt{k}", torch.zeros(count + 1, rank, stop - start, device=w.device,
-                                                       dtype=w.dtype), persistent=False)
-
-    def put(self, adapter: int, span: Range, A: torch.Tensor, B: torch.Tensor, scale: float) -> None:
-        """Store adapter `adapter`'s A (r, in) and B (rows, r) for `span`, zero-padded to the stack's rank."""
-        k, r = self.spans.index(span), A.shape[0]
-        At, Bt = self._buffers[f"At{k}"], self._buffers[f"Bt{k}"]
-        with torch.no_grad():
-            At[adapter + 1, :, :r] = A.t().to(At)
-            Bt[adapter + 1, :r] = (scale * B.float()).t().to(Bt)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
-        sel = self.selection
-        slot = sel.slot if sel.rows is None else sel.rows
-        if sel.rows is None and slot == 0:
-            return y  # the base alone: nothing to add
-        if sel.rows is not None and (x.dim() != 3 or x.shape[0] != sel.rows.shape[0]):
-            raise HainaError(f"the adapter selection has {sel.rows.shape[0]} rows but the call has input "
-                             f"{tuple(x.shape)}; select the adapters of this call's rows first")
-        for k, (start, stop) in enumerate(self.spans):
-            # One slot: x @ (in, r) @ (r, rows). A slot per row: At[rows] gathers (B, in, r) and the same
-            # product runs batch-wise, (B, T, in) @ (B, in, r) @ (B, r, rows).
-            y[..., start:stop].add_(x @ self._buffers[f"At{k}"][slot] @ self._buffers[f"Bt{k}"][slot])
-        return y
-
-    def extra_repr(self) -> str:
-        count, _, rank = self._buffers["At0"].shape
-        return f"{super().extra_repr()}, adapters={count - 1}, r={rank}, spans={self.spans}"
-
-
-def adapter_selection(model: nn.Module) -> AdapterSelection | None:
-    """The selection shared by a model's MultiLoRALinears (see `load_adapters`); None when it has none."""
-    return next((m.selection for m in model.modules() if isinstance(m, MultiLoRALinear)), None)
-
-
-def load_adapters(model: Transformer, paths: Sequence[str | Path], *, check_base: bool = True) -> list[LoRAConfig]:
-    """Stack the adapters of directories `paths` into `model` to serve them together; returns their configs.
-
-    Adapter i is chosen for each row of a call through `adapter_selection(model).select(...)` (-1, the
-    default, is the base alone), so requests for different adapters share a batch. Every adapter must
-    have been trained on this base (checked as `load_adapter` does, the base hashed once). Ranks may
-    differ: every stack has the largest rank, smaller ones padded with zeros, so a mixed batch is one
-    gather and one batched product per span rather than one per rank group. Targets may differ too: a
-    module gets every span any adapter targets. For training or a single adapter use `load_adapter`,
-    whose layers have no selection to consult.
-    """
-    if not paths:
-        raise HainaError("no adapters given; name at least one adapter directory")
-    if has_lora(model) or adapter_selection(model) is not None:
-        raise HainaError("the model already has LoRA adapters; load adapters into a plain base model")
-    hashes: dict[str, str] = {}
-    loaded = []
-    for path in map(Path, paths):
-        data, weights = read_adapter(path)
-        if check_base:
-            _check_base(model, data, path, hashes)
-        cfg = LoRAConfig.from_dict(lora_fields(data))
-        plan = lora_plan(model.cfg, cfg.targets)
-        _check_layout(_layout(model, plan, cfg.r), weights, str(path / ADAPTER_WEIGHTS))
-        loaded.append((cfg, plan, weights))
-    spans: dict[str, list[Range]] = {}
-    for _, plan, _ in loaded:
-        for module, parts in plan.items():
-            known = spans.setdefault(module, [])
-            known += [span for span in parts.values() if span not in known]
-    selection = AdapterSelection(len(loaded))
-    rank = max(cfg.r for cfg, _, _ in loaded)
-    for i, block in enumerate(model.blocks):
-        for module, module_spans in spans.items():
-            parent_name, attr = module.split(".")
-            parent = getattr(block, parent_name)
-            old = getattr(parent, attr)
-            layer = MultiLoRALinear(old, module_spans, count=len(loaded), rank=rank, selection=selection)
-            for a, (cfg, plan, weights) in enumerate(loaded):
-                for name, span in plan.get(module, {}).items():
-                    prefix = f"blocks.{i}.{module}.lora.{name}."
-                    layer.put(a, span, weights[prefix + "A"], weights[prefix + "B"], cfg.scale)
-            setattr(parent, attr, layer.train(old.training))
-    return [cfg for cfg, _, _ in loaded]
-
-
-def _layout(model: Transformer, plan: dict[str, dict[str, Range]], r: int) -> dict[str, tuple[int, ...]]:
-    """The names and shapes of the tensors an adapter of rank r with this plan holds for `model`."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    for i, block in enumerate(model.blocks):
-        for module, parts in plan.items():
-            in_features = block.get_submodule(module).in_features
-            for name, (start, stop) in parts.items():
-                prefix = f"blocks.{i}.{module}.lora.{name}."
-                shapes[prefix + "A"], shapes[prefix + "B"] = (r, in_features), (stop - start, r)
-    return shapes
-
-
-__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "TARGETS", "AdapterSelection", "LoRAConfig", "LoRALinear", "LoRAPart",
-           "MultiLoRALinear", "adapter_selection", "adapter_state_dict", "apply_lora", "base_weights_hash", "has_lora",
-           "is_adapter_dir", "load_adapter", "load_adapter_state_dict", "load_adapters", "lora_fields", "lora_plan",
+__all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "TARGETS", "LoRAConfig", "LoRALinear", "LoRAPart", "adapter_layout",
+           "adapter_state_dict", "apply_lora", "base_weights_hash", "check_adapter_base", "check_adapter_layout",
+           "has_lora", "is_adapter_dir", "load_adapter", "load_adapter_state_dict", "lora_fields", "lora_plan",
            "merge_lora", "read_adapter", "read_adapter_config", "resolve_adapter", "save_adapter"]

@@ -395,12 +395,13 @@ class Service:
 
 # ---------------------------------------------------------------------------------------------- helpers
 def attach_adapters(model: Any, tokenizer: Tokenizer, adapters: tuple[tuple[str, str], ...]) -> dict[str, Served]:
-    """Stack the named adapters into the base `model` (`haina.model.lora.load_adapters`); their served entries.
+    """Stack the named adapters into the base `model` (`haina.model.lora_serving.load_adapters`); their served entries.
 
     An adapter directory's own tokenizer, when it saved one, serves its requests (fine-tuning may have added
     chat tokens); it must end text with the base's EOS token, which is the one the shared engine stops at.
     """
-    from haina.model.lora import load_adapters, resolve_adapter
+    from haina.model.lora import resolve_adapter
+    from haina.model.lora_serving import load_adapters
 
     dirs = [resolve_adapter(path) for _, path in adapters]
     load_adapters(model, dirs)

@@ -20,16 +20,8 @@ from haina.generate.sampling import SamplingParams
 from haina.generate.text import TextGenerator
 from haina.model import ModelConfig, Transformer
 from haina.model.checkpoint import load_model, save_model
-from haina.model.lora import (
-    LoRAConfig,
-    MultiLoRALinear,
-    adapter_selection,
-    apply_lora,
-    base_weights_hash,
-    load_adapters,
-    merge_lora,
-    save_adapter,
-)
+from haina.model.lora import LoRAConfig, apply_lora, base_weights_hash, merge_lora, save_adapter
+from haina.model.lora_serving import MultiLoRALinear, adapter_selection, load_adapters
 from haina.tokenizer.train import train_bpe
 
 CORPUS = ["the cat sat on the mat and the dog ran to the park. " * 10,
