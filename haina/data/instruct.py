@@ -26,7 +26,7 @@ from haina.core.errors import HainaError
 from haina.core.io import write_json
 from haina.core.log import info, progress
 from haina.core.output import output_dir
-from haina.data.stdlib_corpus import _stdlib_files
+from haina.data.stdlib_corpus import stdlib_files
 
 COMMAND = "data instruct"  # the name in the manifest of its outputs
 SPLITS = (("train", 0.8), ("val", 0.1), ("test", 0.1))
@@ -259,7 +259,7 @@ def build_pairs(seed: int = 0, max_pairs: int | None = None) -> tuple[list[dict]
     that many is kept, in the same order, so that every split keeps its share.
     """
     skipped: Counter = Counter()
-    files = _stdlib_files(stdlib_root())
+    files = stdlib_files(stdlib_root())
     records, seen = [], set()
     with progress(total=len(files), desc="reading modules", unit="module") as bar:
         for module, path in files:

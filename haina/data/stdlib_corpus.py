@@ -32,7 +32,7 @@ def _skip_dir(name: str) -> bool:
     return name in SKIP_DIRS or name.startswith((".", "config-"))  # config-3.11-*: the build's own scripts
 
 
-def _stdlib_files(root: Path) -> list[tuple[str, Path]]:
+def stdlib_files(root: Path) -> list[tuple[str, Path]]:
     """(module name, path) of every standard-library source file, sorted by module name."""
     out = []
     for dirpath, dirs, files in os.walk(root):
@@ -108,7 +108,7 @@ def iter_stdlib_documents() -> Iterator[dict]:
             yield {"id": f"pydoc:{key}", "text": text + "\n", "source": "pydoc_data.topics"}
     root = Path(sysconfig.get_paths()["stdlib"])
     seen: set[str] = set()
-    for module, path in _stdlib_files(root):
+    for module, path in stdlib_files(root):
         text = _module_document(module, path, seen)
         if text:
             yield {"id": f"stdlib:{module}", "text": text, "source": str(path.relative_to(root))}

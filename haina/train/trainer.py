@@ -341,7 +341,7 @@ class Trainer:
         start_step, start_tokens, start_seconds = self.step, self.tokens_seen, self.train_seconds
         start_targets = self.targets_seen
         info(f"training {self.model.num_params():,} parameters on {self.device} ({cfg.precision}): "
-             f"{cfg.tokens_per_step:,} tokens/step, steps {self.step} → {cfg.max_steps}")
+             f"up to {cfg.tokens_per_step:,} tokens/step, steps {self.step} → {cfg.max_steps}")
 
         last_eval: tuple[int, float | None] | None = None  # (step, val loss) of the latest evaluation
         last_save = -1
