@@ -44,7 +44,7 @@ from haina.core.config import from_dict, to_dict
 from haina.core.errors import HainaError
 from haina.core.io import atomic_path, read_json, write_json
 from haina.core.log import info
-from haina.model.checkpoint import WEIGHTS, read_weights
+from haina.model.checkpoint import WEIGHTS, read_weights, resolve_checkpoint
 from haina.model.config import ModelConfig
 from haina.model.transformer import Transformer
 
@@ -327,26 +327,15 @@ def is_adapter_dir(path: str | Path) -> bool:
 
 
 def resolve_adapter(path: str | Path, which: Literal["best", "latest"] = "best") -> Path:
-    """An adapter directory from itself or from a run directory (its `checkpoints/index.json`)."""
-    path = Path(path)
-    if is_adapter_dir(path):
-        return path
-    index = path / "checkpoints" / "index.json"
-    if index.is_file():
-        entry = read_json(index, "a checkpoint index is an object naming 'latest' and 'best'", expect=dict)
-        name = entry.get(which) or entry.get("latest")
-        if isinstance(name, str) and is_adapter_dir(path / "checkpoints" / name):
-            return path / "checkpoints" / name
-    if not path.exists():
-        raise HainaError(f"checkpoint not found: {path}")
-    if not path.is_dir():
-        raise HainaError(f"{path} is a file; point --checkpoint at a LoRA checkpoint directory or a run directory")
-    ckpt = path / "checkpoints" / name if index.is_file() and isinstance(name, str) else path
+    """An adapter directory from itself or from a run directory, found as `resolve_checkpoint` finds checkpoints."""
+    ckpt = resolve_checkpoint(path, which)  # one line for a missing path, a file, a damaged index, nothing inside
+    if is_adapter_dir(ckpt):
+        return ckpt
     if (ckpt / WEIGHTS).is_file():
         raise HainaError(f"{ckpt} is a full checkpoint without a LoRA adapter (trained with lora.r=0); "
                          "export it with `haina export hf`")
-    raise HainaError(f"{path} holds no LoRA adapter ({ADAPTER_WEIGHTS} + {ADAPTER_CONFIG}, or checkpoints/index.json "
-                     "naming one); point --checkpoint at a LoRA run or checkpoint directory")
+    raise HainaError(f"{ckpt} holds {ADAPTER_WEIGHTS} but no {ADAPTER_CONFIG}; copy the whole LoRA checkpoint "
+                     "directory")
 
 
 def read_adapter_config(path: str | Path) -> dict:
