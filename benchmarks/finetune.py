@@ -55,8 +55,6 @@ import datetime
 import json
 import os
 import platform
-import re
-import resource
 import shutil
 import statistics
 import subprocess
@@ -67,7 +65,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from rounds import Spread, cpu_model, load_average, ratios, round_order
+from rounds import Spread, cpu_model, load_average, peak_kib, ratios, reset_peak, round_order, status_kib
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is built locally; never reach the hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -96,29 +94,6 @@ CONFIGS = (
 
 
 # --------------------------------------------------------------------------------- memory and clock (in a worker)
-def _status_kib(field: str) -> int | None:
-    """A field of /proc/self/status in KiB (VmRSS, VmHWM), None where there is no /proc."""
-    try:
-        match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
-    except OSError:
-        return None
-    return int(match.group(1)) if match else None
-
-
-def _peak_kib() -> int:
-    hwm = _status_kib("VmHWM")
-    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-
-
-def _reset_peak() -> bool:
-    """Reset the process's peak resident set to its current one (Linux ≥ 4.0); False where it cannot."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 class Probe:
     """The clock and memory of one training run, told after every optimizer step."""
 
@@ -132,25 +107,32 @@ class Probe:
         self.t0 = self.t1 = 0.0
         self.tokens = self.supervised = self.positions = 0
         self.step_tokens: list[int] = []
+        self.cuda_peak: int | None = None
 
     def begin(self) -> None:
         if self.rss_start is None:
-            self.rss_start = _status_kib("VmRSS")
+            self.rss_start = status_kib("VmRSS")
 
     def step_done(self, tokens: int, supervised: int, positions: int) -> None:
+        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        if cuda:  # the step's kernels are queued, not done: wait for them before reading the clock
+            torch.cuda.synchronize()
         now = time.perf_counter()
         self.done += 1
         self.step_tokens.append(int(tokens))
         if self.done == self.warmup:
-            self.peak_setup = _peak_kib()
-            self.reset = _reset_peak()
+            self.peak_setup = peak_kib()
+            self.reset = reset_peak()
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
             self.t0 = time.perf_counter()  # after reading /proc, so that is not timed
         elif self.warmup < self.done <= self.warmup + self.steps:
             self.tokens, self.supervised, self.positions = (self.tokens + tokens, self.supervised + supervised,
                                                             self.positions + positions)
             if self.done == self.warmup + self.steps:
                 self.t1 = now
-                self.peak_train = _peak_kib()
+                self.peak_train = peak_kib()
+                self.cuda_peak = torch.cuda.max_memory_allocated() if cuda else None
 
     def result(self) -> dict:
         seconds = self.t1 - self.t0
@@ -162,7 +144,8 @@ class Probe:
                 "positions": self.positions, "tokens_per_sec": self.tokens / seconds,
                 "supervised_per_sec": self.supervised / seconds, "ms_per_step": 1000 * seconds / self.steps,
                 "peak_mib": peak / 1024, "added_mib": None if added is None else added / 1024,
-                "step_tokens": self.step_tokens, "threads": torch.get_num_threads()}
+                "step_tokens": self.step_tokens, "threads": torch.get_num_threads(),
+                "cuda_peak_mib": None if self.cuda_peak is None else self.cuda_peak / 2**20}
 
 
 # --------------------------------------------------------------------------------- the workers
@@ -193,7 +176,8 @@ def haina_worker(spec: dict) -> dict:
     flags = {"base": spec["base"], "out": spec["run_dir"],
              "data": {"train": [spec["data"]], "val_fraction": 0.0, "batching": spec["batching"]},
              "train": {"max_steps": spec["warmup"] + spec["steps"], "batch_size": spec["batch_size"],
-                       "block_size": spec["block_size"], "device": "cpu", "precision": "fp32"},
+                       "block_size": spec["block_size"], "device": spec["device"],
+                       "precision": spec["precision"]},
              "lora": {"r": spec["lora_r"] if spec["lora"] else 0, "alpha": spec["lora_alpha"]}}
     cfg = load_finetune_config("sft", None, flags)
     report = sft.run_sft(cfg, overwrite=True)
@@ -247,7 +231,8 @@ def hf_worker(spec: dict) -> dict:
         learning_rate=t["lr"], lr_scheduler_type="cosine", warmup_steps=t["warmup_steps"],
         weight_decay=t["weight_decay"], adam_beta1=t["beta1"], adam_beta2=t["beta2"], adam_epsilon=t["eps"],
         max_grad_norm=t["grad_clip"], logging_steps=t["log_every"], save_strategy="no", report_to="none",
-        disable_tqdm=True, use_cpu=True, dataloader_pin_memory=False, remove_unused_columns=False,
+        disable_tqdm=True, use_cpu=spec["device"] == "cpu", bf16=spec["precision"] == "bf16",
+        dataloader_pin_memory=False, remove_unused_columns=False,
         label_names=["labels"], train_sampling_strategy="sequential", seed=t["seed"])
     trainer = Trainer(model=model, args=args, train_dataset=Batches(), data_collator=lambda items: items[0],
                       callbacks=[Clock()])
@@ -374,7 +359,7 @@ def run_one(setup: Setup, args: argparse.Namespace, shared: dict, tmp: Path, rou
             "lora_alpha": args.lora_alpha, "warmup": args.warmup, "steps": args.steps,
             "batch_size": args.batch_size, "block_size": shared["block"], "threads": args.threads,
             "base": shared["base"], "hf": shared["hf"], "data": shared["data"], "batches": shared["batches"],
-            "train": shared["train"], "run_dir": str(tmp / "runs" / name), "result": str(tmp / f"{name}.json")}
+            "train": shared["train"], "device": args.device, "precision": args.precision, "run_dir": str(tmp / "runs" / name), "result": str(tmp / f"{name}.json")}
     spec_path = tmp / f"{name}.spec.json"
     spec_path.write_text(json.dumps(spec))
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
@@ -411,7 +396,7 @@ def report(args: argparse.Namespace, shared: dict, setups: list[Setup], results:
     print(f"{datetime.date.today()} · {cpu_model()} ({os.cpu_count()} cores, {args.threads} torch threads) · torch "
           f"{torch.__version__} · Python {platform.python_version()} · {shared['base_label']} "
           f"({model.num_params() / 1e6:.2f}M params, {cfg.n_layer} layers, d={cfg.n_embd}, vocab {cfg.vocab_size}) · "
-          f"fp32 · {shared['source']}: {shared['examples']:,} examples ({shared['rejects']} rejected), "
+          f"{args.device} {args.precision} · {shared['source']}: {shared['examples']:,} examples ({shared['rejects']} rejected), "
           f"{shared['mean_len']:.0f} tokens on average, {shared['supervised_share']:.0%} of them supervised · batch "
           f"{args.batch_size} × block {shared['block']} · {args.warmup} warm-up + {args.steps} timed steps · "
           f"{args.rounds} interleaved rounds · load average {load[0]:.1f} before, {load[1]:.1f} after\n")
@@ -495,6 +480,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8, help="examples (padded) or windows (packed) per step")
     p.add_argument("--block-size", type=int, default=0, help="longest window in tokens (0: the model's context)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads in every worker")
+    p.add_argument("--device", default="cpu", help="cpu or cuda, for both sides")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="both sides (bf16: autocast)")
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--lora-alpha", type=float, default=16.0)
     p.add_argument("--configs", nargs="+", default=[s.key for s in CONFIGS], choices=[s.key for s in CONFIGS],
@@ -514,7 +501,9 @@ def main() -> None:
                 res = run_one(s, args, shared, tmp, r)
                 results[s.key].append(res)
                 print(f"round {r + 1}/{args.rounds}: {s.key}: {res['tokens_per_sec']:,.0f} tokens/s, "
-                      f"peak {res['peak_mib']:,.0f} MiB", file=sys.stderr, flush=True)
+                      f"peak {res['peak_mib']:,.0f} MiB"
+                      + (f", CUDA peak {res['cuda_peak_mib']:,.0f} MiB" if res.get("cuda_peak_mib") else ""),
+                      file=sys.stderr, flush=True)
         report(args, shared, setups, results, (load_before, load_average()))
 
 

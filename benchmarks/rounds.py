@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import platform
+import re
+import resource
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -65,3 +67,29 @@ def cpu_model() -> str:
 def load_average() -> float:
     """The 1-minute load average (how busy the machine is: other work slows the two sides unequally)."""
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+
+
+# ------------------------------------------------------------------ memory of a worker process (Linux /proc)
+def status_kib(field: str) -> int | None:
+    """A field of /proc/self/status in KiB (VmRSS, VmHWM), None where there is no /proc."""
+    try:
+        match = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
+    except OSError:
+        return None
+    return int(match.group(1)) if match else None
+
+
+def peak_kib() -> int:
+    """The process's peak resident set in KiB."""
+    hwm = status_kib("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+
+
+def reset_peak() -> bool:
+    """Reset the process's peak resident set to its current one (Linux ≥ 4.0); False where it cannot."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+

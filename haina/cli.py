@@ -5,7 +5,8 @@ Each command is a plain Python function. Its signature becomes the options (type
 docstring becomes the help text. Functions are imported only when their command runs, so
 `haina --help` stays fast and a broken optional extra cannot break unrelated commands.
 
-A function with a parameter named `overrides` receives every unknown `--section.key=value`.
+A function with a parameter named `overrides` receives every unknown `--section.key=value`; positional-only
+parameters (`def f(reports: list[str], /)`) are positional on the command line (`haina eval compare A B`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ COMMANDS: dict[tuple[str, ...], str] = {
     ("data", "augment"): "haina.data.prepare.augment:augment_command",
     ("data", "tokenize"): "haina.data.tokenize:tokenize_command",
     ("data", "instruct"): "haina.data.instruct:instruct_command",
+    ("data", "tasks"): "haina.data.tasks:tasks_command",
     ("tokenizer", "train"): "haina.tokenizer.train:train_command",
     ("model", "params"): "haina.model.params:params_command",
     ("pretrain",): "haina.train.pretrain:pretrain",
@@ -37,12 +39,26 @@ COMMANDS: dict[tuple[str, ...], str] = {
     ("finetune", "continue"): "haina.finetune.continued:continue_command",
     ("finetune", "distill"): "haina.finetune.distill:distill_command",
     ("finetune", "dpo"): "haina.finetune.dpo:dpo_command",
+    ("finetune", "classify"): "haina.finetune.classify:classify_command",
     ("finetune", "merge"): "haina.finetune.command:merge_command",
+    ("classify",): "haina.finetune.predict:predict_command",
+    ("tune",): "haina.finetune.tune:tune_command",
+    ("compress", "quantize"): "haina.compress.quantize:quantize_command",
+    ("compress", "prune"): "haina.compress.prune:prune_command",
     ("generate",): "haina.generate.command:generate_command",
     ("chat",): "haina.generate.chat:chat_command",
     ("export", "hf"): "haina.export.hf:export_hf_command",
     ("export", "peft"): "haina.export.peft:export_peft_command",
+    ("export", "onnx"): "haina.export.onnx:export_onnx_command",
+    ("export", "gguf"): "haina.export.gguf:export_gguf_command",
     ("import", "hf"): "haina.export.hf:import_hf_command",
+    ("eval", "lm"): "haina.eval.lm:eval_lm_command",
+    ("eval", "generate"): "haina.eval.textgen:eval_generate_command",
+    ("eval", "classify"): "haina.eval.classify:eval_classify_command",
+    ("eval", "efficiency"): "haina.eval.efficiency:eval_efficiency_command",
+    ("eval", "attention"): "haina.eval.attention:eval_attention_command",
+    ("eval", "harness"): "haina.eval.harness:eval_harness_command",
+    ("eval", "compare"): "haina.eval.compare:compare_command",
     ("serve",): "haina.serve.command:serve_command",
 }
 
@@ -50,7 +66,10 @@ GROUP_HELP = {
     "data": "prepare raw text (clean, filter, dedup, split) and tokenize it into shards",
     "tokenizer": "train byte-level BPE or character tokenizers",
     "model": "inspect model presets and configs",
-    "finetune": "fine-tune a model: sft, continue, distill, dpo (all weights or LoRA), merge adapters",
+    "finetune": "fine-tune a model: sft, continue, distill, dpo, classify (all weights or LoRA), merge adapters",
+    "eval": "evaluate a checkpoint (perplexity, generation, classification, efficiency, attention, lm-eval) and "
+            "compare reports",
+    "compress": "shrink a checkpoint: quantize (int8, int4) or prune (unstructured or whole heads/channels)",
     "export": "write checkpoints in other ecosystems' formats",
     "import": "read checkpoints from other ecosystems' formats",
 }
@@ -97,6 +116,11 @@ def _add_function_args(parser: argparse.ArgumentParser, fn) -> None:
         if name == "overrides":
             continue
         tp, _ = _base_type(hints.get(name, str))
+        if param.kind is inspect.Parameter.POSITIONAL_ONLY:  # `def f(paths: list[str], /)`: `haina cmd A B`
+            many = get_origin(tp) in (list, tuple)
+            parser.add_argument(name, nargs="+" if many else None, metavar=name.upper().removesuffix("S"),
+                                help=arg_help.get(name) or None)
+            continue
         flag = "--" + name.replace("_", "-")
         required = param.default is inspect.Parameter.empty
         default = None if required else param.default
@@ -124,6 +148,7 @@ def _add_function_args(parser: argparse.ArgumentParser, fn) -> None:
 def _call(fn, ns: argparse.Namespace, extra: list[str]) -> Any:
     hints = get_type_hints(fn)
     sig = inspect.signature(fn)
+    args: list[Any] = []
     kwargs: dict[str, Any] = {}
     for name in sig.parameters:
         if name == "overrides":
@@ -134,10 +159,13 @@ def _call(fn, ns: argparse.Namespace, extra: list[str]) -> Any:
             value = sig.parameters[name].default
         if value is not None and name in hints:
             value = coerce(value, _base_type(hints[name])[0], "--" + name.replace("_", "-"))
-        kwargs[name] = value
+        if sig.parameters[name].kind is inspect.Parameter.POSITIONAL_ONLY:
+            args.append(value)
+        else:
+            kwargs[name] = value
     if extra and "overrides" not in sig.parameters:
         raise HainaError(f"unrecognized arguments: {' '.join(extra)}")
-    return fn(**kwargs)
+    return fn(*args, **kwargs)
 
 
 def _collect_overrides(extra: list[str]) -> list[str]:
@@ -192,6 +220,7 @@ def _summaries() -> dict[tuple[str, ...], str]:
         ("data", "prepare"): "clean, filter, deduplicate and split raw documents, with a report",
         ("data", "augment"): "augment a labeled dataset (deletion, swap, synonyms)",
         ("data", "tokenize"): "encode text into memory-mapped train/val token shards",
+        ("data", "tasks"): "build a labeled classification set (docstring → library area) from the standard library",
         ("data", "instruct"): "build question-answer pairs from the standard library's docs (offline SFT data)",
         ("tokenizer", "train"): "train a byte-level BPE or character tokenizer",
         ("model", "params"): "parameter count and memory (weights, grads, AdamW, activations)",
@@ -200,12 +229,26 @@ def _summaries() -> dict[tuple[str, ...], str]:
         ("finetune", "continue"): "continued pretraining on new token shards, with replay and a forgetting report",
         ("finetune", "distill"): "distill a teacher into a student (--base or --preset) on token shards",
         ("finetune", "dpo"): "direct preference optimization on prompt/chosen/rejected JSONL",
+        ("finetune", "classify"): "train a text classifier (pooled hidden states → linear head), all weights or LoRA",
+        ("classify",): "label texts with a classifier checkpoint: one JSON object per input with probabilities",
+        ("tune",): "hyperparameter search (Optuna) over any training command's dotted options",
+        ("compress", "quantize"): "quantize a checkpoint's linear layers to int8 or int4 (weights on disk and in memory)",
+        ("compress", "prune"): "prune a checkpoint: magnitude/Wanda sparsity or whole heads/FFN channels",
+        ("export", "onnx"): "export a decoder graph with its KV cache for ONNX Runtime",
+        ("export", "gguf"): "export a Llama-architecture checkpoint as GGUF for llama.cpp (f16, q8_0, q4_0)",
         ("finetune", "merge"): "fold a LoRA run's adapters into its base as a plain checkpoint",
         ("generate",): "generate text from a checkpoint",
         ("chat",): "interactive terminal chat with a checkpoint",
         ("export", "hf"): "export a checkpoint as a Hugging Face transformers model",
         ("export", "peft"): "export a LoRA run's adapters in PEFT's format (adapter_config.json + safetensors)",
         ("import", "hf"): "import a Hugging Face Llama or GPT-2 checkpoint from disk",
+        ("eval", "lm"): "sliding-window perplexity, loss and bits per byte on token shards or raw text",
+        ("eval", "generate"): "generate for prompts and score against references (BLEU, chrF, ROUGE, exact match)",
+        ("eval", "classify"): "classification metrics and calibration of a classifier checkpoint",
+        ("eval", "efficiency"): "parameters, size, peak memory, prefill latency and decode tokens/s",
+        ("eval", "attention"): "attention weights of every layer and head for a prompt (PNG grid and .npz)",
+        ("eval", "harness"): "run lm-evaluation-harness tasks against the checkpoint through `haina serve`",
+        ("eval", "compare"): "several eval reports side by side in one markdown table",
         ("serve",): "serve a checkpoint over an OpenAI-compatible HTTP API",
     }
 
@@ -240,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
             return 0
         fn = _load(ns._target)
+        from haina.eval.report import set_invocation
+
+        set_invocation(argv)  # eval reports record the exact command
         # --debug is honoured anywhere on the line (read above); after the command, argparse leaves it in `extra`.
         result = _call(fn, ns, [a for a in extra if a != "--debug"])
         return result if isinstance(result, int) else 0

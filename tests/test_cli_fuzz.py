@@ -67,6 +67,7 @@ def world(tmp_path_factory) -> Path:
         assert main([str(a) for a in argv]) == 0, argv
     shutil.copytree(root / CKPT, root / "ckpt")
     _zst_and_parquet(root)
+    _evaluation(root, lines)
     _finetuning(root, lines)
     return root
 
@@ -84,6 +85,18 @@ def _finetuning(root: Path, lines: list[str]) -> None:
             "--train.tensorboard=false", "--train.eval_batches=1"]
     assert main(["finetune", "sft", "--base", str(root / "ckpt"), "--data", str(root / "sft.jsonl"), "--out",
                  str(root / "lora"), "--lora.r=2", *tiny]) == 0
+
+
+def _evaluation(root: Path, lines: list[str]) -> None:
+    """References for `eval generate`, a task file for `eval harness` and a report for `eval compare`."""
+    with open(root / "refs.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({"prompt": lines[i][:12], "reference": lines[i][12:24]}) + "\n" for i in range(6))
+    (root / "task.yaml").write_text("task: fuzz_task\ndataset_path: json\noutput_type: loglikelihood\n",
+                                    encoding="utf-8")
+    (root / "space.yaml").write_text("train.lr: {type: float, low: 1.0e-4, high: 1.0e-2, log: true}\n",
+                                     encoding="utf-8")
+    (root / "rep").mkdir()
+    (root / "rep" / "report.json").write_text(json.dumps({"kind": "lm", "ppl": 12.0}, indent=1), encoding="utf-8")
 
 
 def _zst_and_parquet(root: Path) -> None:
@@ -240,10 +253,16 @@ CHECKPOINT_COMMANDS = {
                         "--device cpu --out {c}/out.jsonl",
     "chat": "chat --checkpoint {c}/ckpt --device cpu",  # stdin is never read: the checkpoint fails first
     "export-hf": "export hf --checkpoint {c}/ckpt --out {c}/out",
+    "eval-lm": "eval lm --checkpoint {c}/ckpt --data {c}/prompts.txt --out {c}/out --device cpu",
 }
 CASES = [_case(f"{cmd}-{cid}", argv, "ckpt prompts.txt", breaks, expect)
          for cmd, argv in CHECKPOINT_COMMANDS.items() for cid, breaks, expect in BROKEN_CHECKPOINTS]
 
+EVAL_LM = "eval lm --checkpoint {c}/ckpt --out {c}/out --device cpu --data {c}"
+EVAL_GEN = "eval generate --checkpoint {c}/ckpt --data {c}/refs.jsonl --out {c}/out --max-new-tokens 2 --device cpu"
+EVAL_HARNESS = "eval harness --checkpoint {c}/ckpt --tasks {c}/task.yaml --out {c}/out --limit 2 --device cpu"
+QUANT = "compress quantize --checkpoint {c}/ckpt --out {c}/out --method int8-weight"
+PRUNE = "compress prune --checkpoint {c}/ckpt --out {c}/out --method magnitude"
 RUN = "run data recipe.yaml"
 RESUME = "pretrain --config {c}/recipe.yaml --data {c}/data --out {c}/run --resume"
 PRETRAIN = "pretrain --config {c}/recipe.yaml --data {c}/data --out {c}/out"
@@ -421,6 +440,66 @@ CASES += [
           ("index-garbage", garbage, "lora/checkpoints/index.json", "index.json"),
           ("run-is-file", to_file, "lora", "lora"),
           ("out-is-file", to_file, "out", "out")]],
+    # evaluation: checkpoints, data, task files and reports.
+    *[_case(f"eval-{name}", argv, copy, [(breaker, path)] if breaker else [], expect)
+      for name, argv, copy, breaker, path, expect in [
+          ("lm-text-garbage", EVAL_LM + "/corpus.txt", "ckpt corpus.txt", garbage, "corpus.txt", "corpus.txt"),
+          ("lm-text-empty", EVAL_LM + "/corpus.txt", "ckpt corpus.txt", empty, "corpus.txt", "corpus.txt"),
+          ("lm-text-unreadable", EVAL_LM + "/corpus.txt", "ckpt corpus.txt", unreadable, "corpus.txt", "corpus.txt"),
+          ("lm-meta-garbage", EVAL_LM + "/data", "ckpt data", garbage, "data/meta.json", "meta.json"),
+          ("lm-shard-truncated", EVAL_LM + "/data", "ckpt data", truncate, "data/val-00000.bin", "shard"),
+          ("lm-stride-over-context", EVAL_LM + "/corpus.txt --context 16 --stride 32", "ckpt corpus.txt", None, "",
+           "stride"),
+          ("lm-out-is-file", EVAL_LM + "/corpus.txt", "ckpt corpus.txt", to_file, "out", "out"),
+          ("generate-refs-garbage", EVAL_GEN, "ckpt refs.jsonl", garbage, "refs.jsonl", "refs.jsonl"),
+          ("generate-refs-bad-json", EVAL_GEN, "ckpt refs.jsonl", bad_json, "refs.jsonl", "refs.jsonl"),
+          ("generate-refs-empty", EVAL_GEN, "ckpt refs.jsonl", empty, "refs.jsonl", "refs.jsonl"),
+          ("generate-refs-dir", EVAL_GEN, "ckpt refs.jsonl", to_dir, "refs.jsonl", "refs.jsonl"),
+          ("classify-no-head", "eval classify --checkpoint {c}/ckpt --data {c}/labeled.jsonl --out {c}/out", "ckpt "
+           "labeled.jsonl", None, "", "classifier head"),
+          ("efficiency-weights-flipped", "eval efficiency --checkpoint {c}/ckpt --out {c}/out --repeats 1 "
+           "--new-tokens 2 --device cpu", "ckpt", flip, "ckpt/model.safetensors", "model.safetensors"),
+          ("attention-weights-truncated", "eval attention --checkpoint {c}/ckpt --prompt hi --out {c}/out "
+           "--device cpu", "ckpt", truncate, "ckpt/model.safetensors", "model.safetensors"),
+          ("harness-task-garbage", EVAL_HARNESS, "ckpt task.yaml", garbage, "task.yaml", "task.yaml"),
+          ("harness-task-bad-yaml", EVAL_HARNESS, "ckpt task.yaml", bad_yaml, "task.yaml", "task.yaml"),
+          ("compare-report-garbage", "eval compare {c}/rep", "rep", garbage, "rep/report.json", "report.json"),
+          ("compare-report-bad-json", "eval compare {c}/rep", "rep", bad_json, "rep/report.json", "report.json")]],
+    # classification, hyperparameter search and the offline task set.
+    _case("tasks-no-source", "data tasks --out {c}/out", "", (), "--from-stdlib"),
+    *[_case(f"classify-train-{name}", "finetune classify --base {c}/ckpt --data {c}/labeled.jsonl --out {c}/out",
+            "ckpt labeled.jsonl", [(breaker, path)], expect)
+      for name, breaker, path, expect in [
+          ("data-garbage", garbage, "labeled.jsonl", "labeled.jsonl"),
+          ("data-empty", empty, "labeled.jsonl", "labeled.jsonl"),
+          ("data-unreadable", unreadable, "labeled.jsonl", "labeled.jsonl"),
+          ("base-weights-truncated", truncate, "ckpt/model.safetensors", "model.safetensors"),
+          ("out-is-file", to_file, "out", "out")]],
+    _case("classify-no-head", "classify --checkpoint {c}/ckpt --text hello", "ckpt", (), "classifier head"),
+    *[_case(f"tune-space-{name}", "tune --command pretrain --config {c}/recipe.yaml --space {c}/space.yaml "
+            "--trials 2 --out {c}/out", "recipe.yaml space.yaml data", [(breaker, "space.yaml")], "space.yaml")
+      for name, breaker in [("garbage", garbage), ("bad-yaml", bad_yaml), ("empty", empty)]],
+    # compression.
+    *[_case(f"compress-{name}", argv, "ckpt", [(breaker, path)] if breaker else [], expect)
+      for name, argv, breaker, path, expect in [
+          ("quantize-weights-truncated", QUANT, truncate, "ckpt/model.safetensors", "model.safetensors"),
+          ("quantize-config-flipped", QUANT, flip, "ckpt/config.yaml", "config.yaml"),
+          ("quantize-bad-group-size", QUANT.replace("int8-weight", "int4-weight") + " --group-size 48", None, "",
+           "group-size"),
+          ("quantize-out-is-file", QUANT, to_file, "out", "out"),
+          ("prune-weights-truncated", PRUNE, truncate, "ckpt/model.safetensors", "model.safetensors"),
+          ("prune-ratio-everything", PRUNE.replace("magnitude", "heads") + " --ratio 0.99", None, "", "ratio"),
+          ("prune-bad-sparsity", PRUNE + " --sparsity 1.5", None, "", "sparsity"),
+          ("prune-out-is-file", PRUNE, to_file, "out", "out")]],
+    # portable export: ONNX and GGUF.
+    *[_case(f"export-{fmt}-{name}", f"export {fmt} --checkpoint {{c}}/ckpt --out {{c}}/out" + ext, "ckpt",
+            [(breaker, path)], expect)
+      for fmt, ext in (("onnx", ""), ("gguf", ".gguf"))
+      for name, breaker, path, expect in [
+          # GGUF refuses this GPT-2-layout checkpoint from its config, before it reads the weights.
+          ("weights-truncated", truncate, "ckpt/model.safetensors", "model.safetensors" if fmt == "onnx" else "Llama"),
+          ("config-flipped", flip, "ckpt/config.yaml", "config.yaml"),
+          ("checkpoint-is-file", to_file, "ckpt", "ckpt")]],
     # generate's prompts file.
     *[_case(f"generate-prompts-{name}", "generate --checkpoint {c}/ckpt --prompts-file {c}/prompts" + ext +
             " --max-new-tokens 2", "ckpt", [(breaker, "prompts" + ext)], "prompts")

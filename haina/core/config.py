@@ -72,6 +72,8 @@ def coerce(value: Any, tp: Any, name: str) -> Any:
             value = [v for v in value.split(",") if v != ""]
         if not isinstance(value, (list, tuple)):
             raise HainaError(f"invalid value for '{name}': expected a list, got {value!r}")
+        if inner in (int, float):  # `--rates 0,0.05 0.1` as well as `--rates 0 0.05 0.1` (strings keep their commas)
+            value = [p for v in value for p in (v.split(",") if isinstance(v, str) else [v]) if p != ""]
         items = [coerce(v, inner, name) for v in value]
         return tuple(items) if origin is tuple else items
     if dataclasses.is_dataclass(tp):

@@ -179,3 +179,21 @@ def measured_matmul_flops(device: torch.device, n: int = 1024, repeats: int = 5)
         best = min(best, time.perf_counter() - t0)
     _MEASURED[key] = 2 * n**3 / best
     return _MEASURED[key]
+
+
+DTypeName = Literal["float32", "bfloat16", "float16"]
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The weights' element type for inference (`--dtype`): float16 only where the device has fast kernels for it.
+
+    On CPU, float16 matmuls fall back to slow reference kernels and overflow more easily than bfloat16, which
+    has the same size; the error says to use bfloat16.
+    """
+    if name not in DTYPES:
+        raise HainaError(f"--dtype {name} is not one of {', '.join(DTYPES)}")
+    if name == "float16" and device.type not in ("cuda", "mps"):
+        raise HainaError(f"--dtype float16 needs a CUDA or MPS device (this is {device.type}); use bfloat16 or "
+                         "float32")
+    return DTYPES[name]

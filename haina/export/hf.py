@@ -23,6 +23,7 @@ from haina.model.checkpoint import load_model, save_model
 from haina.model.hf import DTYPES, read_hf_config, to_hf_config, to_hf_state_dict
 from haina.model.hf_import import import_hf, load_hf_tokenizer  # noqa: F401 (re-exported: the import half lives in model)
 from haina.model.lora import has_lora, merge_lora
+from haina.model.quant import refuse_quantized
 from haina.model.transformer import Transformer
 from haina.tokenizer import Tokenizer
 
@@ -102,6 +103,7 @@ def export_hf_command(checkpoint: str, out: str, dtype: Literal["float32", "bflo
     """
     check_output(out, EXPORT, inputs=[checkpoint], overwrite=overwrite)  # before loading the model
     model, tokenizer = load_model(checkpoint)
+    refuse_quantized(model, "haina export hf", f"--checkpoint {checkpoint}")
     if has_lora(model):  # a LoRA run: transformers gets one plain model, the adapters folded in
         merge_lora(model)
         info("the checkpoint is a LoRA run: its adapters are merged into the exported weights "
@@ -113,7 +115,8 @@ def export_hf_command(checkpoint: str, out: str, dtype: Literal["float32", "bflo
     info(f"exported {model.num_params():,} parameters as {kind} ({dtype}) to {out}")
 
 
-def import_hf_command(path: str, out: str, overwrite: bool = False) -> None:
+def import_hf_command(path: str, out: str, dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+                      overwrite: bool = False) -> None:
     """Import a Hugging Face Llama-family or GPT-2 model from a local directory as a haina checkpoint.
 
     Reads config.json and model.safetensors (also sharded, or pytorch_model.bin) plus the
@@ -123,13 +126,18 @@ def import_hf_command(path: str, out: str, overwrite: bool = False) -> None:
         path: the transformers model directory (as written by save_pretrained).
         out: the haina checkpoint directory to write (an earlier `import hf` output there is replaced whole;
             anything else needs --overwrite).
+        dtype: element type of the stored weights (bfloat16 halves the checkpoint; inference and fine-tuning
+            read it as stored unless told otherwise).
         overwrite: replace an existing OUT that is not an `import hf` output (never one that is, holds or lies
             inside PATH).
     """
     target = Path(out)
+    if dtype not in DTYPES:
+        raise HainaError(f"unknown dtype '{dtype}'; choose one of {', '.join(DTYPES)}")
     check_output(target, IMPORT, inputs=[path], overwrite=overwrite)  # before reading the model
     model, tokenizer = import_hf(path)
+    model.to(dtype=DTYPES[dtype])
     with torch.no_grad(), output_dir(target, IMPORT, inputs=[path], overwrite=overwrite) as tmp:
         save_model(tmp, model, tokenizer, extra_config={"source": {"hugging_face": str(Path(path).resolve())}})
     what = "with its tokenizer" if tokenizer is not None else "without a tokenizer"
-    info(f"imported {model.num_params():,} parameters ({read_hf_config(path)['model_type']}) {what} to {out}")
+    info(f"imported {model.num_params():,} parameters ({read_hf_config(path)['model_type']}, {dtype}) {what} to {out}")

@@ -21,6 +21,7 @@ from haina.core.log import info
 from haina.core.seed import seed_everything
 from haina.finetune.config import FinetuneConfig
 from haina.model.checkpoint import load_model, read_weights, resolve_checkpoint
+from haina.model.config import require_causal
 from haina.model.hf_import import import_hf, is_hf_dir
 from haina.model.lora import (
     ADAPTER_WEIGHTS,
@@ -31,6 +32,7 @@ from haina.model.lora import (
     load_adapter_state_dict,
     save_adapter,
 )
+from haina.model.quant import refuse_quantized
 from haina.model.transformer import Transformer
 from haina.tokenizer import Tokenizer
 from haina.train.config import TrainConfig
@@ -48,8 +50,11 @@ class Base:
     kind: str  # "haina" or "hugging_face"
 
 
-def load_base(path: str | None, *, what: str = "--base") -> Base:
-    """The model to fine-tune (fp32, train mode): a haina checkpoint or run, or a Hugging Face directory."""
+def load_base(path: str | None, *, what: str = "--base", command: str | None = None) -> Base:
+    """The model to fine-tune (fp32, train mode): a haina checkpoint or run, or a Hugging Face directory.
+
+    With `command` (a method that predicts next tokens: "finetune sft"), an encoder is a one-line error.
+    """
     if not path:
         raise HainaError(f"{what} is required: a haina checkpoint or run directory, or a Hugging Face model directory")
     p = Path(path)
@@ -65,6 +70,9 @@ def load_base(path: str | None, *, what: str = "--base") -> Base:
         ckpt = resolve_checkpoint(p)
         model, tokenizer = load_model(ckpt)
         resolved, kind = ckpt.resolve(), "haina"
+    refuse_quantized(model, f"haina {command or 'finetune'}", f"{what} {path}")
+    if command is not None:
+        require_causal(model.cfg, f"haina {command}", f"{what} {path}")
     model.float().train()
     return Base(model=model, tokenizer=tokenizer, path=str(resolved), kind=kind)
 

@@ -97,10 +97,14 @@ def merge_command(checkpoint: str, out: str, overwrite: bool = False) -> None:
         out: the checkpoint directory to write (an earlier merge there is replaced; anything else needs --overwrite).
         overwrite: replace an existing OUT that is not a merge output (never the run or its base).
     """
+    import shutil
+
     import torch
 
+    from haina.core.checksums import write_checksums
     from haina.core.output import check_output, output_dir
     from haina.model.checkpoint import load_model, save_model
+    from haina.model.classifier import CLASSIFIER_CONFIG, CLASSIFIER_WEIGHTS, has_head, read_head
     from haina.model.lora import has_lora, merge_lora, read_adapter_config, resolve_adapter
 
     adapter = resolve_adapter(checkpoint)
@@ -111,9 +115,16 @@ def merge_command(checkpoint: str, out: str, overwrite: bool = False) -> None:
     if not has_lora(model):
         raise HainaError(f"{checkpoint} has no LoRA adapters to merge; it is a whole model already")
     merge_lora(model)
+    head = has_head(adapter)  # a LoRA classifier: its head (trained in full) goes with the merged weights
+    if head:
+        read_head(adapter)  # its checksums, before anything is written
     with torch.no_grad(), output_dir(out, "finetune merge", inputs=inputs, overwrite=overwrite) as tmp:
         save_model(tmp, model, tokenizer, extra_config={"source": {"merged_adapter": str(adapter.resolve()),
-                                                                   "base": base}})
+                                                                   "base": base}}, checksums=not head)
+        if head:
+            for name in (CLASSIFIER_CONFIG, CLASSIFIER_WEIGHTS):
+                shutil.copy2(adapter / name, tmp / name)
+            write_checksums(tmp)
     info(f"merged {adapter} into its base ({model.num_params():,} parameters): {out}")
 
 

@@ -8,6 +8,7 @@ A recipe has the sections of a pretraining recipe, less `model` (the base fixes 
     lora:     low-rank adapters instead of all weights (`lora.r > 0`)
     distill:  the teacher and the mix of its soft targets with the labels
     dpo:      the preference loss
+    classify: the text and label fields, the head, and the class-imbalance options
     out:      the run directory
 """
 
@@ -22,8 +23,8 @@ from haina.core.errors import HainaError
 from haina.model.lora import LoRAConfig
 from haina.train.config import TrainConfig
 
-Method = Literal["sft", "continue", "distill", "dpo"]
-METHODS: tuple[str, ...] = ("sft", "continue", "distill", "dpo")
+Method = Literal["sft", "continue", "distill", "dpo", "classify"]
+METHODS: tuple[str, ...] = ("sft", "continue", "distill", "dpo", "classify")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -71,6 +72,37 @@ class DPOConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ClassifyConfig:
+    text_field: str = "text"
+    label_field: str = "label"
+    multi_label: bool = False  # a list of labels per record, one sigmoid each, instead of one class per text
+    # auto: last token for a causal base (the end-of-text, which has read the whole text), mean for an encoder
+    pooling: Literal["auto", "last", "mean", "first"] = "auto"
+    # Imbalance. auto weights each class's loss by N / (K · n_class) (multi-label: positives by n_neg / n_pos);
+    # focal scales each example's loss by (1 - p_true)^gamma, so easy examples count less; over/under draw
+    # class-balanced batches from every example / from a class-balanced subset of them (single-label only).
+    class_weights: Literal["auto", "none"] = "none"
+    loss: Literal["ce", "focal"] = "ce"
+    focal_gamma: float = 2.0
+    sampling: Literal["none", "over", "under"] = "none"
+    # What early stopping and the best checkpoint watch on the validation set (train.early_stopping_patience).
+    select_metric: Literal["val_loss", "accuracy", "macro_f1"] = "val_loss"
+    test: tuple[str, ...] = ()  # held-out files for the final report; empty: test_fraction of the training records
+    test_fraction: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.focal_gamma < 0:
+            raise HainaError(f"classify.focal_gamma must not be negative, got {self.focal_gamma}")
+        if not 0.0 <= self.test_fraction < 1.0:
+            raise HainaError(f"classify.test_fraction must be in [0, 1), got {self.test_fraction}")
+        if not self.text_field or not self.label_field:
+            raise HainaError("classify.text_field and classify.label_field must name a field")
+        if self.multi_label and self.sampling != "none":
+            raise HainaError(f"--sampling {self.sampling} balances one class per text; multi-label data has several "
+                             "(use --class-weights auto instead)")
+
+
+@dataclass(frozen=True, kw_only=True)
 class FinetuneConfig:
     method: Method = "sft"
     base: str | None = None
@@ -80,6 +112,7 @@ class FinetuneConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    classify: ClassifyConfig = field(default_factory=ClassifyConfig)
     out: str | None = None
 
     @classmethod
@@ -98,4 +131,4 @@ class FinetuneConfig:
         return to_dict(self)
 
 
-__all__ = ["METHODS", "DPOConfig", "DistillConfig", "FinetuneConfig", "FinetuneDataConfig", "Method"]
+__all__ = ["METHODS", "ClassifyConfig", "DPOConfig", "DistillConfig", "FinetuneConfig", "FinetuneDataConfig", "Method"]

@@ -155,7 +155,7 @@ def run_continue(cfg: FinetuneConfig, *, overwrite: bool = False) -> dict[str, A
     if fraction > 0 and not replay:
         raise HainaError(f"data.replay_fraction={fraction} needs the original data's shards: pass --replay DIR")
     check_out(cfg, "continue", [data_dir, replay, cfg.base], overwrite)
-    base = load_base(cfg.base)
+    base = load_base(cfg.base, command="finetune continue")
     model = base.model
     block = training_block(cfg, model.cfg.block_size)
     checks = {"tokenizer": base.tokenizer, "vocab_size": model.cfg.vocab_size, "whose": "the base's",

@@ -264,10 +264,10 @@ def run_distill(cfg: FinetuneConfig, *, overwrite: bool = False) -> dict[str, An
         raise HainaError("LoRA adapts a trained model, and a --preset student is a fresh one; train all its weights "
                          "(drop --lora.r) or start from --base")
     check_out(cfg, "distill", [*cfg.data.train, cfg.distill.teacher, cfg.base], overwrite)
-    teacher = load_base(cfg.distill.teacher, what="--teacher")
+    teacher = load_base(cfg.distill.teacher, what="--teacher", command="finetune distill")
     t_model, t_tok = teacher.model, _tokenizer_of(teacher.tokenizer, "--teacher", teacher.path)
     if cfg.base:
-        student = load_base(cfg.base)
+        student = load_base(cfg.base, command="finetune distill")
         model, student_path = student.model, student.path
         s_tok = _tokenizer_of(student.tokenizer, "--base", student.path)
         if s_tok.hash() != t_tok.hash():

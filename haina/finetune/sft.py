@@ -97,7 +97,7 @@ def run_sft(cfg: FinetuneConfig, *, overwrite: bool = False) -> dict[str, Any]:
     check_out(cfg, "sft", [*cfg.data.train, *cfg.data.val, cfg.base], overwrite)
     records = read_sft_records(list(cfg.data.train))
     val_records = read_sft_records(list(cfg.data.val)) if cfg.data.val else None
-    base = load_base(cfg.base)
+    base = load_base(cfg.base, command="finetune sft")
     model = base.model
     tokenizer = prepare_chat_tokenizer(base.tokenizer, model.cfg.vocab_size)
     block = training_block(cfg, model.cfg.block_size)

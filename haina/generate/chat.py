@@ -18,6 +18,7 @@ import sys
 from collections.abc import Sequence
 from functools import lru_cache
 
+from haina.core.device import DTypeName
 from haina.core.errors import HainaError
 from haina.tokenizer import Tokenizer
 
@@ -290,7 +291,7 @@ def _with_stop_ids(params, ids: list[int]):
 
 def chat_command(checkpoint: str, adapter: str | None = None, system: str | None = None, max_new_tokens: int = 256,
                  temperature: float = 0.7, top_p: float = 0.95, top_k: int = 0, repetition_penalty: float = 1.0,
-                 seed: int | None = None, device: str = "auto") -> int:
+                 seed: int | None = None, device: str = "auto", dtype: DTypeName = "float32") -> int:
     """Chat with a checkpoint in the terminal: replies stream as they are generated.
 
     History is kept across turns (the oldest turns are dropped when the context fills). Type
@@ -308,8 +309,9 @@ def chat_command(checkpoint: str, adapter: str | None = None, system: str | None
         repetition_penalty: > 1 discourages repeating tokens already in the conversation.
         seed: random seed for reproducible replies.
         device: auto, cpu, cuda, cuda:1 or mps.
+        dtype: the weights' precision: float32, bfloat16, or float16 (CUDA/MPS only).
     """
-    from haina.core.device import resolve_device
+    from haina.core.device import resolve_device, resolve_dtype
     from haina.generate.command import check_adapter_path
     from haina.generate.engine import Engine
     from haina.generate.sampling import SamplingParams
@@ -320,7 +322,8 @@ def chat_command(checkpoint: str, adapter: str | None = None, system: str | None
                             repetition_penalty=repetition_penalty, seed=seed)
     params.validate()
     check_adapter_path(adapter)
-    model, tokenizer = load_model(checkpoint, device=resolve_device(device), adapter=adapter)
+    dev = resolve_device(device)
+    model, tokenizer = load_model(checkpoint, device=dev, dtype=resolve_dtype(dtype, dev), adapter=adapter)
     if tokenizer is None:
         raise HainaError(f"checkpoint {checkpoint} has no tokenizer/ directory; chat needs one to read and write text")
     engine = Engine(model, max_batch_size=1, eos_token_id=tokenizer.eos_id)

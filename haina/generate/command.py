@@ -6,8 +6,9 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from haina.core.device import DTypeName
 from haina.core.errors import HainaError
 from haina.generate.detok import check_stop_strings
 from haina.generate.outputs import TokenLogprob
@@ -94,6 +95,35 @@ def check_adapter_path(adapter: str | None) -> None:
         raise HainaError(f"--adapter {adapter} not found; point it at a LoRA run or checkpoint directory")
 
 
+def _load_engine(checkpoint: str, adapter: str | None, backend: str, device: str, dtype: DTypeName,
+                 batch_size: int) -> tuple[Any, Tokenizer]:
+    """The engine of `backend` over `checkpoint` (an ONNX export for onnxruntime), and the tokenizer."""
+    from haina.generate.onnx_backend import is_onnx_export, load_onnx_engine
+
+    if backend == "onnxruntime":
+        if adapter is not None:
+            raise HainaError("--adapter does not apply to --backend onnxruntime; merge the adapters in at export "
+                             "(haina export onnx --adapter)")
+        engine, tokenizer = load_onnx_engine(checkpoint, device=device)
+        exported = engine.decoder.spec["dtype"]
+        if dtype not in ("float32", exported):  # float32 is the default: it stands for "as exported"
+            raise HainaError(f"--dtype {dtype}: the ONNX export in {checkpoint} is {exported}, fixed at export; "
+                             f"drop --dtype or re-export with haina export onnx --dtype {dtype}")
+    elif is_onnx_export(checkpoint):
+        raise HainaError(f"{checkpoint} is an ONNX export; run it with --backend onnxruntime")
+    else:
+        from haina.core.device import resolve_device, resolve_dtype
+        from haina.generate.engine import Engine
+        from haina.model.checkpoint import load_model
+
+        dev = resolve_device(device)
+        model, tokenizer = load_model(checkpoint, device=dev, dtype=resolve_dtype(dtype, dev), adapter=adapter)
+        engine = None if tokenizer is None else Engine(model, max_batch_size=batch_size, eos_token_id=tokenizer.eos_id)
+    if tokenizer is None:
+        raise HainaError(f"checkpoint {checkpoint} has no tokenizer/ directory; generate needs one to read text")
+    return engine, tokenizer
+
+
 def generate_command(checkpoint: str, adapter: str | None = None, prompt: str | None = None,
                      prompts_file: str | None = None, out: str | None = None, max_new_tokens: int = 200,
                      temperature: float = 0.8, top_k: int = 50, top_p: float = 0.95, min_p: float = 0.0,
@@ -101,7 +131,8 @@ def generate_command(checkpoint: str, adapter: str | None = None, prompt: str | 
                      no_repeat_ngram_size: int = 0, num_beams: int = 1, length_penalty: float = 1.0,
                      early_stopping: bool = False, n: int = 1, stop: list[str] | None = None, seed: int | None = 0,
                      stream: bool = False, logprobs: int | None = None, ignore_eos: bool = False, batch_size: int = 16,
-                     device: str = "auto") -> int:
+                     device: str = "auto", dtype: DTypeName = "float32",
+                     backend: Literal["haina", "onnxruntime"] = "haina") -> int:
     """Generate text from a checkpoint: one --prompt, or a --prompts-file processed in batches.
 
     Args:
@@ -132,11 +163,11 @@ def generate_command(checkpoint: str, adapter: str | None = None, prompt: str | 
         ignore_eos: keep generating past the end-of-text token.
         batch_size: sequences generated together.
         device: auto, cpu, cuda, cuda:1 or mps.
+        dtype: the weights' precision: float32, bfloat16, or float16 (CUDA/MPS only).
+        backend: haina (its own engine, on a checkpoint) or onnxruntime (ONNX Runtime, on a directory written by
+            `haina export onnx`; one sequence at a time, no beam search, precision fixed at export).
     """
-    from haina.core.device import resolve_device
-    from haina.generate.engine import Engine
     from haina.generate.text import TextGenerator
-    from haina.model.checkpoint import load_model
 
     if (prompt is None) == (prompts_file is None):
         raise HainaError("give exactly one of --prompt TEXT or --prompts-file FILE")
@@ -154,10 +185,9 @@ def generate_command(checkpoint: str, adapter: str | None = None, prompt: str | 
     specs = read_prompts(prompts_file) if prompts_file is not None else [{"prompt": prompt}]
     plist = [_params_for(s, base, f"{prompts_file}:prompt {i + 1}: ") for i, s in enumerate(specs)]
     check_adapter_path(adapter)
-    model, tokenizer = load_model(checkpoint, device=resolve_device(device), adapter=adapter)
-    if tokenizer is None:
-        raise HainaError(f"checkpoint {checkpoint} has no tokenizer/ directory; generate needs one to read text")
-    engine = Engine(model, max_batch_size=batch_size, eos_token_id=tokenizer.eos_id)
+    if backend == "onnxruntime" and num_beams > 1:
+        raise HainaError("beam search runs on haina's own engine only; use --backend haina or --num-beams 1")
+    engine, tokenizer = _load_engine(checkpoint, adapter, backend, device, dtype, batch_size)
     gen = TextGenerator(engine, tokenizer)
 
     if stream:

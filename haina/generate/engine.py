@@ -32,7 +32,7 @@ from haina.generate.head import DecodeHead
 from haina.generate.outputs import GenerationResult, StepEvent, TokenLogprob, token_logprobs
 from haina.generate.sampling import RowState, SamplingParams, sample_tokens
 from haina.model.lora_serving import adapter_selection
-from haina.model.transformer import Transformer
+from haina.model.transformer import ENCODER_CANNOT_GENERATE, Transformer
 
 __all__ = ["Engine", "GenerationResult", "StepEvent", "TokenLogprob"]
 
@@ -67,6 +67,8 @@ class Engine:
     def __init__(self, model: Transformer, *, max_batch_size: int = 16, max_seq_len: int | None = None,
                  eos_token_id: int | None = None, device: str | torch.device | None = None):
         cfg = model.cfg
+        if not cfg.causal:
+            raise HainaError(ENCODER_CANNOT_GENERATE)
         if device is not None:
             model.to(device)
         param = next(model.parameters())

@@ -16,6 +16,10 @@ one loads the base it records first, so such a run works wherever a checkpoint d
 Loading checks before it trusts: the checksums when the checkpoint has them (older checkpoints and
 imports from elsewhere have none and still load), then the config, then the weights' safetensors
 header; each failure is one line naming the file and what is wrong with it.
+
+A quantized checkpoint (`haina compress quantize`) records its method in config.yaml's `quantization`
+section; loading builds the model's integer layers (`haina.model.quant`) before reading the weights into
+them, so such a checkpoint works wherever a float one does.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from haina.core.config import load_yaml
 from haina.core.errors import HainaError
 from haina.core.io import atomic_path, read_json, write_yaml
 from haina.model.config import ModelConfig
+from haina.model.quant import QuantConfig, build_quantized, is_quantized, recorded_quantization
 from haina.model.transformer import Transformer
 from haina.tokenizer import Tokenizer
 
@@ -101,6 +106,14 @@ def load_config(ckpt: str | Path) -> ModelConfig:
         raise HainaError(f"{ckpt / CONFIG}: {e}") from None
 
 
+def load_quantization(ckpt: str | Path) -> QuantConfig | None:
+    """How a checkpoint's weights are quantized (its config.yaml's `quantization` section); None for float."""
+    ckpt = resolve_checkpoint(ckpt)
+    if not (ckpt / WEIGHTS).is_file():  # a LoRA checkpoint holds float adapters (loading refuses a quantized base)
+        return None
+    return recorded_quantization(load_yaml(ckpt / CONFIG), str(ckpt / CONFIG))
+
+
 def read_weights(file: str | Path) -> dict[str, torch.Tensor]:
     """All tensors of a safetensors file, with a one-line error naming a truncated or foreign file."""
     _check_readable(file)
@@ -140,6 +153,7 @@ def verify_checkpoint(path: str | Path, which: Literal["best", "latest"] = "best
     ckpt = resolve_checkpoint(path, which)
     verify_checksums(ckpt)
     cfg = load_config(ckpt)
+    load_quantization(ckpt)
     check_weights(ckpt / (WEIGHTS if (ckpt / WEIGHTS).is_file() else ADAPTER))
     _load_tokenizer(ckpt, cfg)
     return ckpt
@@ -184,11 +198,17 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", which: Lite
     # checked now too, but their hash is computed in a thread while the model is built, which hides its cost.
     verify_checksums(ckpt, sizes_only=(WEIGHTS,))
     cfg = load_config(ckpt)
+    quantization = load_quantization(ckpt)
     with ThreadPoolExecutor(max_workers=1) as pool:
         weights_ok = pool.submit(verify_checksums, ckpt, only=(WEIGHTS,))
-        model = Transformer(cfg)
+        # A quantized checkpoint's integer layers are built as such, never as the float model first.
+        model = Transformer(cfg) if quantization is None else build_quantized(cfg, quantization)
         weights_ok.result()  # raises the HainaError naming a damaged file
-    model.load_weights(read_weights(ckpt / WEIGHTS))
+    weights = read_weights(ckpt / WEIGHTS)
+    model.load_weights(weights)
+    if dtype is None:  # "as stored": a checkpoint saved in bfloat16 (`import hf --dtype`) loads in bfloat16
+        stored = {t.dtype for t in weights.values() if t.is_floating_point()}
+        dtype = stored.pop() if len(stored) == 1 else None
     model.to(device=device, dtype=dtype).eval()
     return model, _load_tokenizer(ckpt, cfg)
 
@@ -197,6 +217,9 @@ def _with_adapter(model: Transformer, tokenizer: Tokenizer | None, adapter_dir: 
         -> tuple[Transformer, Tokenizer | None]:
     from haina.model.lora import load_adapter
 
+    if is_quantized(model):
+        raise HainaError(f"LoRA adapters ({adapter_dir}) cannot be applied to a quantized checkpoint; quantize the "
+                         "float base with them instead: haina compress quantize --checkpoint BASE --adapter ADAPTER")
     load_adapter(model, adapter_dir)  # before any cast: the base's hash is checked on the values as stored
     tokenizer = _load_tokenizer(adapter_dir, model.cfg) or tokenizer  # fine-tuning may have added chat tokens
     model.to(device=device, dtype=dtype).eval()
@@ -214,5 +237,5 @@ def _recorded_base(adapter_ckpt: Path) -> Path:
     return Path(base)
 
 
-__all__ = ["ADAPTER", "CONFIG", "WEIGHTS", "check_weights", "load_config", "load_model", "read_weights", "resolve_checkpoint",
-           "save_model", "verify_checkpoint", "verify_checksums", "write_checksums"]
+__all__ = ["ADAPTER", "CONFIG", "WEIGHTS", "check_weights", "load_config", "load_model", "load_quantization",
+           "read_weights", "resolve_checkpoint", "save_model", "verify_checkpoint", "verify_checksums", "write_checksums"]

@@ -24,6 +24,7 @@ class ModelConfig:
     n_head: int = 4
     n_embd: int = 128
     n_kv_head: int | None = None  # None = n_head (MHA); 1 = MQA; in between = GQA
+    head_size: int | None = None  # None: n_embd / n_head; set when heads were pruned, or as some HF models have it
     intermediate_size: int | None = None  # None: 4·d for gelu/relu, ≈8/3·d (multiple of 64) for swiglu
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     norm_eps: float = 1e-5
@@ -32,6 +33,9 @@ class ModelConfig:
     mlp: Literal["gelu", "relu", "swiglu"] = "gelu"  # gelu is GPT-2's tanh approximation
     bias: bool = True
     tie_embeddings: bool = True
+    # False: every token attends to the whole sequence (an encoder, pretrained with `train.objective: mlm`);
+    # such a model reads text but cannot generate it.
+    causal: bool = True
     dropout: float = 0.0
     init: Literal["normal", "xavier", "kaiming"] = "normal"
     init_std: float = 0.02
@@ -41,8 +45,10 @@ class ModelConfig:
             raise HainaError("vocab_size, block_size, n_layer, n_head and n_embd must be positive")
         if self.n_kv_head is not None and self.n_kv_head < 1:
             raise HainaError(f"n_kv_head must be positive (or null for n_head), got {self.n_kv_head}")
-        if self.n_embd % self.n_head:
-            raise HainaError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.head_size is not None and self.head_size < 1:
+            raise HainaError(f"head_size must be positive (or null for n_embd / n_head), got {self.head_size}")
+        if self.head_size is None and self.n_embd % self.n_head:
+            raise HainaError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}), or head_size set")
         if self.n_head % self.kv_heads:
             raise HainaError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.kv_heads})")
         if self.pos == "rope" and self.head_dim % 2:
@@ -56,7 +62,7 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+        return self.head_size or self.n_embd // self.n_head
 
     @property
     def ffn_dim(self) -> int:
@@ -114,4 +120,20 @@ PRESETS: dict[str, ModelConfig] = {
                        intermediate_size=11008, norm_eps=1e-5, tie_embeddings=False),
     "llama-70b": _llama(vocab_size=32000, block_size=4096, n_layer=80, n_head=64, n_kv_head=8, n_embd=8192,
                         intermediate_size=28672, norm_eps=1e-5, tie_embeddings=False),
+    # Bidirectional encoders for masked-language-model pretraining and classification. ≈5M parameters with an
+    # 8192-token vocabulary: pretrains on CPU in minutes.
+    "encoder-small": ModelConfig(vocab_size=8192, block_size=256, n_layer=4, n_head=4, n_embd=256, causal=False),
+    # BERT-base's shape (WordPiece vocabulary of 30522, 512 positions, LayerNorm eps 1e-12), ≈110M parameters.
+    # Its size, not its exact computation: haina's blocks are pre-norm, its gelu the tanh approximation, and it
+    # has no token-type embeddings or MLM-head transform.
+    "bert-base": ModelConfig(vocab_size=30522, block_size=512, n_layer=12, n_head=12, n_embd=768,
+                             intermediate_size=3072, norm_eps=1e-12, causal=False),
 }
+
+
+def require_causal(cfg: ModelConfig, what: str, where: str) -> None:
+    """A one-line HainaError when `what` (a command that predicts next tokens) meets an encoder (causal: false)."""
+    if not cfg.causal:
+        raise HainaError(f"{what} needs a causal language model, and {where} is an encoder (causal: false), which sees "
+                         "the tokens it would predict; use it with `haina finetune classify`")
+

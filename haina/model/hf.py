@@ -34,12 +34,18 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # ---------------------------------------------------------------------------------------- haina -> HF
 def hf_layout(cfg: ModelConfig) -> Layout:
     """The `transformers` layout that computes exactly what `cfg` does, or HainaError naming what has none."""
+    if not cfg.causal:
+        raise HainaError("an encoder (causal: false) has no Llama or GPT-2 equivalent: both are causal language "
+                         "models; export a model trained with model.causal: true")
     if cfg.norm == "rmsnorm" and cfg.pos == "rope" and cfg.mlp == "swiglu":
         return "llama"
     if cfg.norm == "layernorm" and cfg.pos == "learned" and cfg.mlp == "gelu":
         if cfg.kv_heads != cfg.n_head:
             raise HainaError(f"GPT-2 has no grouped key/value heads (n_kv_head={cfg.n_kv_head}); export a model "
                              "with n_kv_head equal to n_head, or use the Llama layout (rmsnorm + rope + swiglu)")
+        if cfg.head_dim * cfg.n_head != cfg.n_embd:
+            raise HainaError(f"GPT-2 needs heads of n_embd / n_head; this model's are {cfg.head_dim} wide (head_size, "
+                             "e.g. after pruning heads): use the Llama layout, which records head_dim")
         return "gpt2"
     llama = {"norm": "rmsnorm", "pos": "rope", "mlp": "swiglu"}
     gpt2 = {"norm": "layernorm", "pos": "learned", "mlp": "gelu"}
@@ -174,11 +180,9 @@ def _from_hf_config(hf: dict) -> ModelConfig:
         raise HainaError(f"sliding-window attention (sliding_window={window}) has no haina equivalent")
     n_embd, n_head = _int(hf, "hidden_size"), _int(hf, "num_attention_heads")
     head_dim = _int(hf, "head_dim") if hf.get("head_dim") else n_embd // n_head
-    if head_dim * n_head != n_embd:
-        raise HainaError(f"head_dim {head_dim} × {n_head} heads != hidden_size {n_embd}; haina needs "
-                         "head_dim = hidden_size / num_attention_heads")
+    head_size = None if head_dim * n_head == n_embd else head_dim  # heads narrower or wider than d / n_head
     return _model_config(vocab_size=hf["vocab_size"], block_size=n_pos, n_layer=hf["num_hidden_layers"],
-                         n_head=n_head, n_embd=n_embd, n_kv_head=hf.get("num_key_value_heads") or n_head,
+                         n_head=n_head, n_embd=n_embd, head_size=head_size, n_kv_head=hf.get("num_key_value_heads") or n_head,
                          intermediate_size=hf["intermediate_size"], norm="rmsnorm",
                          norm_eps=hf.get("rms_norm_eps", 1e-6), pos="rope", rope_theta=theta, mlp="swiglu",
                          bias=attn_bias, tie_embeddings=tie, init_std=hf.get("initializer_range", 0.02))

@@ -1,4 +1,4 @@
-"""The decoder-only Transformer: one file, one device.
+"""The Transformer: one file, one device. Decoder-only (causal), or an encoder with `cfg.causal` False.
 
 Parallelism, compilation and activation checkpointing are applied from outside (by the
 trainer); inference state (the KV cache) belongs to the generation engine and is passed in.
@@ -17,6 +17,10 @@ from torch.utils.checkpoint import checkpoint
 from haina.core.errors import HainaError
 from haina.model.config import ModelConfig
 from haina.model.layers import Block, KVCacheLike, call_plain, make_norm, rope_cos_sin, sinusoidal
+
+# The one message of every path that would generate text (the engine, `decode`, a forward with a KV cache).
+ENCODER_CANNOT_GENERATE = ("an encoder (causal: false) cannot generate text: it attends to later tokens, which a "
+                           "KV cache cannot supply; use it with `haina finetune classify` or train a causal model")
 
 
 class Transformer(nn.Module):
@@ -67,7 +71,8 @@ class Transformer(nn.Module):
             positions: absolute position of every token (B, T); default 0..T-1 for each row.
             cache: the inference engine's KV cache; None for training and plain scoring.
             attn_mask: bool (B, 1, T, T), True where a query may attend, instead of causal attention
-                (documents packed into one row, with positions restarting per document); not with `cache`.
+                (documents packed into one row, with positions restarting per document) or an encoder's full
+                attention (padding keys masked); not with `cache`.
             select: bool (B, T): compute logits only where True. Fine-tuning's loss needs only the answer
                 tokens, and on a small model the LM head and its softmax are a quarter of the step.
         """
@@ -86,6 +91,8 @@ class Transformer(nn.Module):
         cfg = self.cfg
         if attn_mask is not None and cache is not None:
             raise ValueError("attn_mask and cache cannot be combined: the cache supplies its own mask")
+        if cache is not None and not cfg.causal:
+            raise HainaError(ENCODER_CANNOT_GENERATE)
         if positions is None:
             if T > cfg.block_size:
                 raise HainaError(f"sequence of {T} tokens exceeds the model's context of {cfg.block_size}")
@@ -110,6 +117,8 @@ class Transformer(nn.Module):
         per-op overhead, not arithmetic. Hooks on Linear and norm layers do not fire here. `head`
         replaces the LM head's call (the engine passes one with a pre-packed weight on CPUs).
         """
+        if not self.cfg.causal:
+            raise HainaError(ENCODER_CANNOT_GENERATE)
         x, rope = self._embed(idx, positions)
         for block in self.blocks:
             x = block.decode(x, rope, cache)

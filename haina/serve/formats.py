@@ -72,7 +72,12 @@ class _Format:
 
 class CompletionFormat(_Format):
     """`text_completion` bodies; with logprobs, OpenAI's legacy format (tokens, token_logprobs, top_logprobs,
-    text_offset, offsets counted from the start of the choice's text)."""
+    text_offset, offsets counted from the start of the choice's text).
+
+    The logprobs cover every generated token, a final stop token (EOS) included although the text leaves it
+    out, as vLLM's do: harnesses score a continuation with echo and max_tokens=1 and drop the last entry as
+    the generated token, so without it a prompt the model would end cut the continuation's last token.
+    """
 
     object_name = "text_completion"
 
@@ -102,7 +107,7 @@ class CompletionFormat(_Format):
             lp = None
             if s.want_logprobs:
                 entries = self._prompt_entries(prompts[s.prompt_index], s.prompt_logprobs) if self.echo else []
-                lp = self.logprobs(entries + [(e.token_id, e) for e in s.logprobs])
+                lp = self.logprobs(entries + [(e.token_id, e) for e in s.all_logprobs])
             choices.append({"index": s.index, "text": text, "logprobs": lp, "finish_reason": s.finish_reason})
         completion = sum(s.num_tokens for s in seqs)
         return self.chunk(choices, usage=usage(sum(map(len, prompts)), completion))
@@ -111,9 +116,14 @@ class CompletionFormat(_Format):
                      prompts: list[list[int]]) -> AsyncIterator[dict[str, Any]]:
         started: set[int] = set()
         offsets: dict[int, int] = {}
+        scored: dict[int, int] = {}  # generated tokens whose logprobs went out, per choice
         seqs = {}
         async for seq, text, lps in run.events(disconnected):
             seqs[seq.index] = seq
+            done = scored.get(seq.index, 0) + len(lps)
+            if seq.finish_reason is not None:  # the stop token, which `lps` leaves out with the text
+                lps = lps + seq.all_logprobs[done:]
+            scored[seq.index] = done
             entries = [(e.token_id, e) for e in lps]
             if seq.index not in started:
                 started.add(seq.index)

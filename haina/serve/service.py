@@ -473,6 +473,12 @@ class _Seq:
     def text(self) -> str:
         return self.decoder.text
 
+    @property
+    def all_logprobs(self) -> list[TokenLogprob | None]:
+        """The log-probabilities of every generated token, a final stop token (EOS) included (`logprobs` leaves
+        it out, as the text does)."""
+        return (self.decoder.logprobs or []) if self.want_logprobs else []
+
     def feed(self, ev: StepEvent) -> tuple[str, list[TokenLogprob | None]]:
         """Take one engine event; return (new text, log-probabilities of the tokens behind it)."""
         self.num_tokens += len(ev.new_token_ids)

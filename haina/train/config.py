@@ -20,6 +20,7 @@ from haina.core.errors import HainaError
 from haina.model.config import ModelConfig
 
 Schedule = Literal["cosine", "linear", "constant", "step", "plateau"]
+Objective = Literal["clm", "mlm"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -30,6 +31,10 @@ class DataConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
+    # what the model learns: clm predicts each next token (a causal model); mlm predicts masked-out tokens from
+    # both sides (an encoder, model.causal false) with BERT's masking, mask_prob of the tokens (`haina.train.mlm`)
+    objective: Objective = "clm"
+    mask_prob: float = 0.15
     # batch: each optimizer step sees batch_size · grad_accum · block_size tokens
     batch_size: int = 12
     block_size: int | None = None  # None: the model's block_size
@@ -100,6 +105,8 @@ class TrainConfig:
                              f"got {self.spike_factor}")
         if not 0 < self.plateau_factor <= 1 or not 0 < self.gamma <= 1:
             raise HainaError("train.gamma and train.plateau_factor must be in (0, 1]")
+        if not 0 < self.mask_prob < 1:
+            raise HainaError(f"train.mask_prob must be in (0, 1) (BERT's is 0.15), got {self.mask_prob}")
 
     @property
     def tokens_per_step(self) -> int:
@@ -115,6 +122,16 @@ class PretrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     out: str | None = None  # None: runs/<recipe name>
+
+    def __post_init__(self) -> None:
+        # Each objective needs its kind of attention: a causal model never sees the token it is asked to fill in,
+        # and an encoder would see the very next token it is asked to predict.
+        if self.train.objective == "mlm" and self.model.causal:
+            raise HainaError("train.objective mlm needs a bidirectional model: set model.causal: false (e.g. "
+                             "--model.causal=false, or model preset encoder-small)")
+        if self.train.objective == "clm" and not self.model.causal:
+            raise HainaError("an encoder (model.causal: false) sees the next token, so it cannot learn to predict "
+                             "it: pretrain it with --objective mlm, or set model.causal: true")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PretrainConfig:
@@ -142,4 +159,4 @@ class PretrainConfig:
         return dataclasses.replace(self, train=dataclasses.replace(self.train, block_size=block))
 
 
-__all__ = ["DataConfig", "PretrainConfig", "Schedule", "TrainConfig"]
+__all__ = ["DataConfig", "Objective", "PretrainConfig", "Schedule", "TrainConfig"]

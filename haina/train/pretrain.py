@@ -1,6 +1,7 @@
 """`haina pretrain`: a YAML recipe plus dotted overrides → a training run.
 
-`run_pretrain` wires a `PretrainConfig` to token shards, a fresh Transformer and the one `Trainer`.
+`run_pretrain` wires a `PretrainConfig` to token shards, a fresh Transformer and the one `Trainer`: next-token
+prediction (train.objective clm), or BERT's masked tokens for an encoder (mlm, `haina.train.mlm`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from haina.core.seed import seed_everything
 from haina.data.shards import TokenShards, check_tokenizer, find_tokenizer, read_meta
 from haina.model.transformer import Transformer
 from haina.tokenizer import Tokenizer
-from haina.train.config import PretrainConfig
+from haina.train.config import Objective, PretrainConfig
+from haina.train.mlm import MLMMasking, MLMTrainer, with_mask_token
 from haina.train.trainer import Trainer
 
 COMMAND = "pretrain"  # the name in the manifest of its run directories
@@ -52,8 +54,8 @@ def find_recipe(config: str, stage: str = "pretrain") -> Path:
 
 
 def load_pretrain_config(config: str, data: str | None = None, out: str | None = None, resume: bool = False,
-                         overrides: list[str] | tuple[str, ...] = ()) -> PretrainConfig:
-    """The resolved config: recipe, then --data/--out/--resume, then dotted overrides."""
+                         overrides: list[str] | tuple[str, ...] = (), objective: Objective | None = None) -> PretrainConfig:
+    """The resolved config: recipe, then --data/--out/--resume/--objective, then dotted overrides."""
     recipe = find_recipe(config)
     raw = load_yaml(recipe)
     flags: dict = {}
@@ -61,8 +63,9 @@ def load_pretrain_config(config: str, data: str | None = None, out: str | None =
         flags["data"] = {"dir": data}
     if out is not None:
         flags["out"] = out
-    if resume:
-        flags["train"] = {"resume": True}
+    train = {**({"resume": True} if resume else {}), **({"objective": objective} if objective else {})}
+    if train:
+        flags["train"] = train
     raw = merge(merge(raw, flags), parse_overrides(list(overrides)))
     cfg = PretrainConfig.from_dict(raw)
     if cfg.out is None:
@@ -108,7 +111,7 @@ def claim_run_dir(out: Path, command: str, *, inputs: list[str], resume: bool, o
 
 
 def pretrain(config: str, data: str | None = None, out: str | None = None, resume: bool = False,
-             overwrite: bool = False, overrides: list[str] = ()) -> None:
+             overwrite: bool = False, objective: Objective | None = None, overrides: list[str] = ()) -> None:
     """Pretrain a Transformer from a YAML recipe, with dotted overrides.
 
     Reads the recipe (model, data, train, out), applies --data, --out, --resume and any
@@ -119,16 +122,25 @@ def pretrain(config: str, data: str | None = None, out: str | None = None, resum
     then continues exactly where it stopped.
 
     Args:
-        config: recipe YAML file, or the name of a bundled recipe (shakespeare-char, gpt2-124m, quickstart).
+        config: recipe YAML file, or the name of a bundled recipe (shakespeare-char, gpt2-124m, quickstart,
+            encoder-small).
         data: token-shard directory (overrides data.dir).
         out: run directory (overrides out; default runs/<recipe name>).
         resume: continue the pretraining run in --out from its latest checkpoint.
         overwrite: start over in an existing --out (a previous run, or any directory that is not an input).
+        objective: clm (next token, a causal model) or mlm (BERT's masked tokens, an encoder: model.causal false);
+            overrides train.objective.
     """
-    cfg = load_pretrain_config(config, data=data, out=out, resume=resume, overrides=overrides)
+    cfg = load_pretrain_config(config, data=data, out=out, resume=resume, overrides=overrides, objective=objective)
     report = run_pretrain(cfg, claim=True, overwrite=overwrite)
     val = report.get("val_loss")
-    val_text = f"val loss {val:.4f} (perplexity {report['val_ppl']:.2f}), " if val is not None else ""
+    if val is None:
+        val_text = ""
+    elif report.get("objective") == "mlm":
+        acc = report.get("val_accuracy")
+        val_text = f"val masked-token loss {val:.4f}" + (f" (accuracy {acc:.2%}), " if acc is not None else ", ")
+    else:
+        val_text = f"val loss {val:.4f} (perplexity {report['val_ppl']:.2f}), "
     print(f"{report['steps']} steps, {report['train_tokens']:,} tokens, {val_text}"
           f"{report['tokens_per_sec']:,.0f} tokens/s, stopped by {report['stopped_because']}")
     if report["skipped_steps"] or report["rollbacks"]:
@@ -161,6 +173,8 @@ def run_pretrain(cfg: PretrainConfig, tokenizer: Tokenizer | None = None, *, cla
     if vocab > cfg.model.vocab_size:
         raise HainaError(f"the tokenizer has {vocab} tokens but model.vocab_size is {cfg.model.vocab_size}; "
                          f"set model.vocab_size ≥ {vocab} (e.g. --model.vocab_size={vocab})")
+    if cfg.train.objective == "mlm":
+        tokenizer = with_mask_token(tokenizer, cfg.model.vocab_size)  # saved with every checkpoint of the run
     block = cfg.train.block_size
     train = TokenShards(cfg.data.dir, "train")
     train.check_length(block)
@@ -175,8 +189,11 @@ def run_pretrain(cfg: PretrainConfig, tokenizer: Tokenizer | None = None, *, cla
     seed_everything(cfg.train.seed)  # before building the model: its initialization is part of the run
     model = Transformer(cfg.model)
     config = {**cfg.to_dict(), "out": str(out)}
-    trainer = Trainer(model, cfg.train, out, train_data=train, val_data=val, tokenizer=tokenizer, config=config)
-    return trainer.fit()
+    common = {"train_data": train, "val_data": val, "tokenizer": tokenizer, "config": config}
+    if cfg.train.objective == "mlm":
+        masking = MLMMasking.from_tokenizer(tokenizer, cfg.train.mask_prob)
+        return MLMTrainer(model, cfg.train, out, masking=masking, **common).fit()
+    return Trainer(model, cfg.train, out, **common).fit()
 
 
 __all__ = ["claim_run", "claim_run_dir", "find_recipe", "load_pretrain_config", "pretrain", "run_pretrain"]

@@ -56,6 +56,11 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 STATE_FORMAT = "haina-trainer-state/1"
 
 
+def next_token_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """`lm_loss(model(x), y)` as one function, so that torch.compile fuses the loss into the model's graph."""
+    return lm_loss(model(x), y)
+
+
 class BatchSource(Protocol):
     """What the loop needs from data (`TokenShards` is one)."""
 
@@ -97,6 +102,9 @@ class Trainer:
         self.model.gradient_checkpointing = cfg.activation_checkpointing
         # Forward passes go through `self.forward_model` (compiled or not); saving uses `self.model`.
         self.forward_model: nn.Module = torch.compile(self.model) if cfg.compile else self.model
+        # The pretraining loss is compiled together with the model: after a compiled model alone, lm_loss would
+        # materialize the full-vocabulary logits in fp32 (B·T·V·4 bytes, and as much again for their gradient).
+        self._compiled_loss = torch.compile(next_token_loss) if cfg.compile else None
         self.params = [p for _, p in self.trainable_parameters()]
         self.optimizer = self.build_optimizer()
         self.schedule = LRSchedule.from_config(cfg)
@@ -133,6 +141,8 @@ class Trainer:
     def compute_loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         """Mean next-token cross-entropy of one micro-batch."""
         x, y = batch
+        if self._compiled_loss is not None and model is self.forward_model:
+            return self._compiled_loss(self.model, x, y)
         return lm_loss(model(x), y)
 
     def loss_weight(self, batch: Batch) -> torch.Tensor:
@@ -271,7 +281,10 @@ class Trainer:
     def _load_checkpoint(self, path: Path) -> None:
         saved = load_yaml(path / "config.yaml").get("model", {})
         current = self.model.cfg.to_dict()
-        diff = [f"{k}: {saved.get(k)!r} → {v!r}" for k, v in current.items() if saved.get(k) != v]
+        # A field added to ModelConfig after the checkpoint was written (head_size, causal) means its default there.
+        defaults = {f.name: f.default for f in dataclasses.fields(type(self.model.cfg))}
+        diff = [f"{k}: {saved.get(k, defaults.get(k))!r} → {v!r}" for k, v in current.items()
+                if saved.get(k, defaults.get(k)) != v]
         if diff:
             raise HainaError(f"cannot resume: {path} was trained with another architecture ({'; '.join(diff[:3])}); "
                              "use the run's model config or start a new run in another --out")
@@ -492,7 +505,7 @@ class Trainer:
 
     def _scheduled_eval(self, log: RunLog, say) -> float | None:
         """An evaluation on the eval_every grid: it drives early stopping and reduce-on-plateau."""
-        val = self._eval_and_log(log, say)
+        val = self.eval_and_log(log, say)
         if val is None:
             return None
         if self.initial_val_loss is None:
@@ -514,9 +527,15 @@ class Trainer:
             return None
         if last_eval is not None and last_eval[0] == self.step:
             return last_eval[1]
-        return self._eval_and_log(log, info)
+        return self.eval_and_log(log, info)
 
-    def _eval_and_log(self, log: RunLog, say) -> float | None:
+    def eval_and_log(self, log: RunLog, say) -> float | None:
+        """Evaluate, log what was measured, and return the number that selects checkpoints (lower is better).
+
+        That number feeds early stopping, reduce-on-plateau and the best checkpoint (recorded as the index's
+        `val_loss`). Pretraining returns the validation loss; a method that selects on another metric (a
+        classifier on macro-F1) overrides this step, logs its metrics by their names and returns 1 − metric.
+        """
         val = self.evaluate()
         if val is None:
             return None
@@ -575,4 +594,4 @@ class Trainer:
         return report
 
 
-__all__ = ["BatchSource", "Trainer"]
+__all__ = ["BatchSource", "Trainer", "next_token_loss"]
