@@ -260,6 +260,7 @@ CASES = [_case(f"{cmd}-{cid}", argv, "ckpt prompts.txt", breaks, expect)
 
 EVAL_LM = "eval lm --checkpoint {c}/ckpt --out {c}/out --device cpu --data {c}"
 EVAL_GEN = "eval generate --checkpoint {c}/ckpt --data {c}/refs.jsonl --out {c}/out --max-new-tokens 2 --device cpu"
+EVAL_EFFICIENCY = "eval efficiency --checkpoint {c}/ckpt --out {c}/out --repeats 1 --new-tokens 2 --device cpu"
 EVAL_HARNESS = "eval harness --checkpoint {c}/ckpt --tasks {c}/task.yaml --out {c}/out --limit 2 --device cpu"
 QUANT = "compress quantize --checkpoint {c}/ckpt --out {c}/out --method int8-weight"
 PRUNE = "compress prune --checkpoint {c}/ckpt --out {c}/out --method magnitude"
@@ -455,12 +456,11 @@ CASES += [
           ("generate-refs-bad-json", EVAL_GEN, "ckpt refs.jsonl", bad_json, "refs.jsonl", "refs.jsonl"),
           ("generate-refs-empty", EVAL_GEN, "ckpt refs.jsonl", empty, "refs.jsonl", "refs.jsonl"),
           ("generate-refs-dir", EVAL_GEN, "ckpt refs.jsonl", to_dir, "refs.jsonl", "refs.jsonl"),
-          ("classify-no-head", "eval classify --checkpoint {c}/ckpt --data {c}/labeled.jsonl --out {c}/out", "ckpt "
-           "labeled.jsonl", None, "", "classifier head"),
-          ("efficiency-weights-flipped", "eval efficiency --checkpoint {c}/ckpt --out {c}/out --repeats 1 "
-           "--new-tokens 2 --device cpu", "ckpt", flip, "ckpt/model.safetensors", "model.safetensors"),
-          ("attention-weights-truncated", "eval attention --checkpoint {c}/ckpt --prompt hi --out {c}/out "
-           "--device cpu", "ckpt", truncate, "ckpt/model.safetensors", "model.safetensors"),
+          ("classify-no-head", "eval classify --checkpoint {c}/ckpt --data {c}/labeled.jsonl --out {c}/out",
+           "ckpt labeled.jsonl", None, "", "classifier head"),
+          ("efficiency-weights-flipped", EVAL_EFFICIENCY, "ckpt", flip, "ckpt/model.safetensors", "model.safetensors"),
+          ("attention-weights-truncated", "eval attention --checkpoint {c}/ckpt --prompt hi --out {c}/out --device cpu",
+           "ckpt", truncate, "ckpt/model.safetensors", "model.safetensors"),
           ("harness-task-garbage", EVAL_HARNESS, "ckpt task.yaml", garbage, "task.yaml", "task.yaml"),
           ("harness-task-bad-yaml", EVAL_HARNESS, "ckpt task.yaml", bad_yaml, "task.yaml", "task.yaml"),
           ("compare-report-garbage", "eval compare {c}/rep", "rep", garbage, "rep/report.json", "report.json"),

@@ -112,6 +112,8 @@ class ClassifyTrainer(FinetuneTrainer):
         super().__init__(classifier.backbone, cfg, run_dir, **kwargs)
         self.class_weights = None if class_weights is None else class_weights.to(self.device)
         self.gamma, self.select_metric = gamma, select_metric
+        if select_metric != "val_loss":
+            self.selection_label = f"1 - val {select_metric}"
         self.forward_classifier = torch.compile(classifier) if cfg.compile else classifier
 
     # ----------------------------------------------------------------- the loop's steps

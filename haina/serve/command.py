@@ -25,7 +25,8 @@ KEEP_ALIVE_S = 65
 def serve_command(checkpoint: str, adapter: list[str] | None = None, host: str = "127.0.0.1", port: int = 8000,
                   api_key: list[str] | None = None, api_key_file: str | None = None, max_batch_size: int = 16,
                   max_queue: int = 256, max_model_len: int | None = None, served_model_name: str | None = None,
-                  device: str = "auto", max_body_mb: float = 4.0, threads: int | None = None,
+                  device: str = "auto", dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+                  max_body_mb: float = 4.0, threads: int | None = None,
                   request_timeout: float | None = None, drain_timeout: float = 30.0,
                   log_level: Literal["critical", "error", "warning", "info", "debug"] = "info") -> int:
     """Serve a checkpoint over HTTP with the OpenAI API (completions, chat, streaming), with continuous batching.
@@ -56,6 +57,7 @@ def serve_command(checkpoint: str, adapter: list[str] | None = None, host: str =
         max_model_len: context length, prompt plus completion (default: the model's block size).
         served_model_name: the model name clients send (default: the checkpoint directory's name).
         device: auto, cpu, cuda, cuda:1 or mps.
+        dtype: the weights' precision: float32, bfloat16 (half the memory), or float16 (CUDA/MPS only).
         max_body_mb: largest request body accepted, in MiB (413 beyond).
         threads: torch intra-op CPU threads (default: torch's choice, one per core). Batched decode steps use
             them all; a server that decodes one request at a time (--max-batch-size 1) can be faster with one
@@ -101,6 +103,9 @@ def serve_command(checkpoint: str, adapter: list[str] | None = None, host: str =
     # port is bound, not later in the background load; the digests are remembered, so that load does not rehash.
     verify_checkpoint(checkpoint)
     check_adapters(checkpoint, adapters)
+    from haina.core.device import resolve_device, resolve_dtype
+
+    resolve_dtype(dtype, resolve_device(device))  # float16 on a CPU: refused before the port is bound
     check_bindable(host, port)
     if threads is not None:
         import torch
@@ -108,7 +113,7 @@ def serve_command(checkpoint: str, adapter: list[str] | None = None, host: str =
         torch.set_num_threads(threads)
     config = ServiceConfig(checkpoint=str(checkpoint), served_model_name=served_model_name,
                            max_batch_size=max_batch_size, max_queue=max_queue, max_model_len=max_model_len,
-                           device=device, api_keys=tuple(keys), max_body_bytes=int(max_body_mb * 1024 * 1024),
+                           device=device, dtype=dtype, api_keys=tuple(keys), max_body_bytes=int(max_body_mb * 1024 * 1024),
                            request_timeout=request_timeout, adapters=adapters)
     service = Service(config)
     failed: list[str] = []

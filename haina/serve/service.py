@@ -67,6 +67,7 @@ class ServiceConfig:
     max_queue: int = 256
     max_model_len: int | None = None
     device: str = "auto"
+    dtype: str = "float32"
     api_keys: tuple[str, ...] = ()
     max_body_bytes: int = 4 * 1024 * 1024
     request_timeout: float | None = None
@@ -115,10 +116,11 @@ class Served:
 
 def load_checkpoint(config: ServiceConfig) -> tuple[Any, Tokenizer | None]:
     """The default loader: the checkpoint's model (eval mode, on the device) and tokenizer."""
-    from haina.core.device import resolve_device
+    from haina.core.device import resolve_device, resolve_dtype
     from haina.model.checkpoint import load_model
 
-    return load_model(config.checkpoint, device=resolve_device(config.device))
+    device = resolve_device(config.device)
+    return load_model(config.checkpoint, device=device, dtype=resolve_dtype(config.dtype, device))
 
 
 class Service:

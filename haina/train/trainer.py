@@ -82,6 +82,9 @@ class Trainer:
         config: the full resolved config (all sections), written to RUN/config.yaml and beside each checkpoint.
     """
 
+    # What `eval_and_log` returns, as the final line names it (a classifier selecting on macro-F1: "1 - macro_f1").
+    selection_label = "val loss"
+
     def __init__(self, model: Transformer, cfg: TrainConfig, run_dir: str | Path, *, train_data: BatchSource,
                  val_data: BatchSource | None = None, tokenizer: Tokenizer | None = None,
                  config: dict[str, Any] | None = None):
@@ -589,7 +592,7 @@ class Trainer:
         }
         write_json(self.run_dir / "report.json", report)
         plot_losses(log.history, self.run_dir / "loss.png", title=f"{self.model.num_params() / 1e6:.2f}M parameters")
-        val_text = f", val loss {final_val:.4f}" if final_val is not None else ""
+        val_text = f", {self.selection_label} {final_val:.4f}" if final_val is not None else ""
         info(f"done: {self.step} steps ({stopped}){val_text}, {tps:,.0f} tok/s; report {self.run_dir / 'report.json'}")
         return report
 

@@ -39,10 +39,9 @@ def test_data_hash_follows_content_not_location(tmp_path):
 
 
 def test_failed_evaluation_leaves_nothing(tmp_path):
-    with pytest.raises(RuntimeError):
-        with eval_output(tmp_path / "r", "lm") as tmp:
-            (tmp / "report.json").write_text("{}")
-            raise RuntimeError("interrupted")
+    with pytest.raises(RuntimeError), eval_output(tmp_path / "r", "lm") as tmp:
+        (tmp / "report.json").write_text("{}")
+        raise RuntimeError("interrupted")
     assert not (tmp_path / "r").exists()
 
 
