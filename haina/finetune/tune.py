@@ -57,7 +57,7 @@ from haina.finetune.tune_report import (
     write_final,
     write_tables,
 )
-from haina.finetune.tune_space import Param, grid_space, load_space, override_text
+from haina.finetune.tune_space import Param, check_space, grid_space, load_space, override_text
 
 COMMAND = "tune"  # the name in the manifest of its outputs
 TUNABLE = ("pretrain", "finetune sft", "finetune continue", "finetune distill", "finetune dpo", "finetune classify")
@@ -104,41 +104,6 @@ def split_args(overrides: list[str] | tuple[str, ...]) -> tuple[dict[str, str], 
             raise HainaError(f"--{name} cannot be passed to the trials: {RESERVED[name]}")
         flags.append((name, value))
     return dotted, flags
-
-
-def load_command_config(words: list[str], config: str | None, overrides: list[str]) -> Any:
-    """The resolved config the command would run with: what proves that a key exists and a value fits it."""
-    if words[0] == "pretrain":
-        if config is None:
-            raise HainaError("haina tune --command pretrain needs --config (a pretraining recipe)")
-        from haina.train.pretrain import load_pretrain_config
-
-        return load_pretrain_config(config, out="tune-check", overrides=overrides)
-    from haina.finetune.command import load_finetune_config
-
-    return load_finetune_config(words[1], config, {}, overrides)
-
-
-def check_space(words: list[str], config: str | None, dotted: dict[str, str], space: dict[str, Param],
-                where: str) -> Any:
-    """Load the command's config with each searched key at each end of its range (or each choice), before any trial.
-
-    An unknown key, a value of the wrong type, or one the recipe cannot take (train.lr below its min_lr) is
-    a one-line error naming the key. Keys are tried one at a time, the others at the recipe's values.
-    Returns the config of the recipe with the fixed overrides.
-    """
-    fixed = [f"{k}={v}" for k, v in dotted.items()]
-    base = load_command_config(words, config, fixed)  # the recipe and the fixed overrides on their own
-    both = [k for k in space if k in dotted]
-    if both:
-        raise HainaError(f"{both[0]} is both searched ({where}) and fixed (--{both[0]}); drop one of them")
-    for name, param in space.items():
-        for value in param.probes():
-            try:
-                load_command_config(words, config, [*fixed, f"{name}={override_text(value)}"])
-            except HainaError as e:
-                raise HainaError(f"{where}: {name}={override_text(value)}: {e}") from None
-    return base
 
 
 def _storage_url(study: str | None, out: Path) -> str:
@@ -600,5 +565,5 @@ def _clear_study(optuna, url: str, name: str, overwrite: bool) -> None:
     optuna.delete_study(study_name=name, storage=url)
 
 
-__all__ = ["TUNABLE", "TrialFailed", "Tuner", "check_space", "default_direction", "intermediate_keys",
-           "load_command_config", "split_args", "tune_command"]
+__all__ = ["TUNABLE", "TrialFailed", "Tuner", "default_direction", "intermediate_keys", "split_args",
+           "tune_command"]

@@ -12,8 +12,8 @@ or null, which Optuna can store. The grid sampler (`--sampler grid`) tries every
 a finite list per parameter: categorical choices, an int's lattice low, low + step, ..., high, or an
 explicit `grid:` list on a float (the other samplers ignore `grid:`).
 
-Only the shape of each entry is checked here; whether the keys exist in the command's config is checked
-by `haina tune` before any trial runs, by loading the config with the space's values as overrides.
+`parse_param` checks the shape of each entry; `check_space` checks, before any trial runs, that every key
+exists in the command's config and takes the space's values, by loading the config with them as overrides.
 """
 
 from __future__ import annotations
@@ -188,4 +188,42 @@ def nested(flat: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-__all__ = ["Param", "grid_space", "load_space", "nested", "override_text", "parse_param"]
+
+
+def load_command_config(words: list[str], config: str | None, overrides: list[str]) -> Any:
+    """The resolved config the command would run with: what proves that a key exists and a value fits it."""
+    if words[0] == "pretrain":
+        if config is None:
+            raise HainaError("haina tune --command pretrain needs --config (a pretraining recipe)")
+        from haina.train.pretrain import load_pretrain_config
+
+        return load_pretrain_config(config, out="tune-check", overrides=overrides)
+    from haina.finetune.command import load_finetune_config
+
+    return load_finetune_config(words[1], config, {}, overrides)
+
+
+def check_space(words: list[str], config: str | None, dotted: dict[str, str], space: dict[str, Param],
+                where: str) -> Any:
+    """Load the command's config with each searched key at each end of its range (or each choice), before any trial.
+
+    An unknown key, a value of the wrong type, or one the recipe cannot take (train.lr below its min_lr) is
+    a one-line error naming the key. Keys are tried one at a time, the others at the recipe's values.
+    Returns the config of the recipe with the fixed overrides.
+    """
+    fixed = [f"{k}={v}" for k, v in dotted.items()]
+    base = load_command_config(words, config, fixed)  # the recipe and the fixed overrides on their own
+    both = [k for k in space if k in dotted]
+    if both:
+        raise HainaError(f"{both[0]} is both searched ({where}) and fixed (--{both[0]}); drop one of them")
+    for name, param in space.items():
+        for value in param.probes():
+            try:
+                load_command_config(words, config, [*fixed, f"{name}={override_text(value)}"])
+            except HainaError as e:
+                raise HainaError(f"{where}: {name}={override_text(value)}: {e}") from None
+    return base
+
+
+__all__ = ["Param", "check_space", "grid_space", "load_command_config", "load_space", "nested", "override_text",
+           "parse_param"]

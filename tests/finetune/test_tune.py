@@ -26,7 +26,7 @@ pytest.importorskip("optuna")  # haina[tune]
 from haina.cli import COMMANDS, main
 from haina.finetune import tune
 from haina.finetune.tune_report import typed
-from haina.finetune.tune_space import load_space, parse_param
+from haina.finetune.tune_space import check_space, load_space, parse_param
 from haina.train.pretrain import find_recipe, load_pretrain_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -300,7 +300,7 @@ def test_bundled_spaces_fit_their_recipes(command, config, space):
     path = find_recipe(space.removesuffix(".yaml"), stage="tune")  # found by name, as --space takes it
     assert path == ROOT / "recipes" / "tune" / space
     params = load_space(path)
-    tune.check_space(command.split(), config, {}, params, str(path))
+    check_space(command.split(), config, {}, params, str(path))
     assert len(params) >= 4
 
 
