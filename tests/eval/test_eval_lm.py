@@ -308,3 +308,19 @@ def test_mc_dropout_context_restores_the_model(ckpt):
     assert torch.equal(after, clean)
     assert model.cfg.dropout == 0.0 and model.blocks[0].attn.dropout == 0.0 and model.blocks[1].mlp.dropout == 0.0
     assert lora_like.p == 0.0 and {m: m.training for m in model.modules()} == before
+
+
+def test_adapter_is_evaluated_on_its_base(ckpt, shards, text_files, tmp_path):
+    """`--adapter RUN` scores base + adapters: the same numbers as the LoRA run itself, not the base's."""
+    assert main(["finetune", "continue", "--base", str(ckpt), "--data", str(shards), "--out", str(tmp_path / "lora"),
+                 "--lora.r=4", "--train.lr=3e-2", "--train.max_steps=6", "--train.warmup_steps=0",
+                 "--train.batch_size=4", "--train.block_size=32", "--train.device=cpu",
+                 "--train.tensorboard=false"]) == 0
+    runs = {"base": ["--checkpoint", ckpt], "adapter": ["--checkpoint", ckpt, "--adapter", tmp_path / "lora"],
+            "run": ["--checkpoint", tmp_path / "lora"]}
+    for name, args in runs.items():
+        assert _run(*args, "--data", *text_files, "--out", tmp_path / name) == 0
+    base, adapter, run = (_report(tmp_path / n) for n in runs)
+    assert adapter["loss"] == pytest.approx(run["loss"], rel=1e-6)
+    assert adapter["loss"] != pytest.approx(base["loss"], rel=1e-4)
+    assert adapter["adapter"] == str(tmp_path / "lora") and base["adapter"] is None
