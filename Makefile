@@ -39,7 +39,7 @@ $(VENV)/.installed: pyproject.toml setup.py | $(VENV)/bin/python
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml setup.py | $(VENV)/bin/python
-	$(BIN)/python -m pip install --quiet -e '.[hf,eval,export,tune,test]'
+	$(BIN)/python -m pip install --quiet -e '.[hf,eval,export,tune,rag,embed,test]'
 	touch $@ $(VENV)/.installed
 
 # The serving playground's test drives Debian's headless Chromium. Install it when missing and

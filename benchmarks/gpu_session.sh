@@ -7,18 +7,20 @@
 # Parts, each under its own `timeout` and each writing its table to $OUT/<part>.txt as it goes (a part
 # that times out or fails still leaves what it printed, and the next part runs):
 #   1 env         nvidia-smi, torch / CUDA / transformers versions
-#   2 train       benchmarks/train_throughput.py: haina beside nanoGPT's bench.py configuration (GPT-2 124M
-#                 shapes, bias off as in bench.py, bf16, compiled, batch 16 × 1024), interleaved rounds; with
-#                 LOSS_AB=1 also haina with its loss outside the compiled graph (the state before issue 16)
+#   2 graphs      benchmarks/decode_graphs.py: CUDA-graph decode against the eager step (greedy tokens compared,
+#                 tok/s at batch 1/8/64, the bandwidth bound), gpt2-124m and llama-1b, bf16
 #   3 generate    benchmarks/generate.py: gpt2-124m bf16 decode tokens/s at batch 1 and 64 (haina vs transformers)
-#   4 finetune    benchmarks/finetune.py on CUDA, only if it has a --device flag (it is CPU-only today)
-#   5 gqa         SDPA with grouped key/value heads (enable_gqa) against copied ones on this GPU, bf16 and fp32,
-#                 with and without a mask: the evidence for the CUDA rule of haina.model.layers._native_gqa
+#   4 train       benchmarks/train_throughput.py: haina beside nanoGPT's bench.py configuration (GPT-2 124M
+#                 shapes, bias off as in bench.py, bf16, compiled, batch 16 × 1024), interleaved rounds, with
+#                 TRAIN_VARIANTS (default attention=cudnn) as further haina sides; LOSS_AB=1 adds haina with its
+#                 loss outside the compiled graph (the state before issue 16)
+#   5 finetune    benchmarks/finetune.py on CUDA, only with FT=1
+#   6 gqa         SDPA with grouped key/value heads against copied ones, only with GQA=1 (measured 2026-12-04)
 # Serving is not measured here: `haina serve` needs fastapi/uvicorn/pydantic, which the GPU image lacks.
 #
 # Environment: NANOGPT (default .cache/nanogpt, a nanoGPT checkout carried with the working tree), PY (python3),
-# OUT (where tables go), SMOKE=1, LOSS_AB=1, and T_ENV / T_TRAIN / T_GEN / T_FT / T_GQA (per-part limits in
-# seconds; without part 4 the defaults add up to 440 s, of which about 4 to 5 minutes is expected to be used).
+# OUT (where tables go), SMOKE=1, LOSS_AB=1, FT=1, GQA=1, TRAIN_VARIANTS, and T_ENV / T_GRAPHS / T_GEN / T_TRAIN /
+# T_FT / T_GQA (per-part limits in seconds; parts 1-4 add up to 570 s by default, under one device call's 600).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_session}
@@ -51,18 +53,23 @@ part() {
 if [ "${SMOKE:-0}" = 1 ]; then
     DEVICE=cpu
     TRAIN_ARGS=(--presets tiny --batch-size 2 --block-size 32 --warmup 1 --steps 2 --rounds 2 --precision fp32)
+    GRAPH_ARGS=(--device cpu --quick)
+    TRAIN_VARIANTS=${TRAIN_VARIANTS:-compile_mode=default}  # the attention kernels are CUDA's: none on a CPU
     GEN_ARGS=(--preset tiny --dtype float32 --batch-sizes 1 2 --prompt-len 8 --new-tokens 8 --repeats 1)
     FT_ARGS=(--rounds 1 --steps 2 --warmup 1 --batch-size 2 --block-size 64 --max-records 40
              --configs haina-full-pad hf-full)
 else
     DEVICE=cuda
     # bench.py's own configuration (bias=False, dropout 0, compile, bf16) at the issue's batch of 16 × 1024.
+    GRAPH_ARGS=(--device cuda --rounds 3)
     TRAIN_ARGS=(--presets gpt2-124m --batch-size 16 --block-size 1024 --bias false --precision bf16 --compile
-                --warmup 10 --steps 20 --rounds 5)
+                --warmup 10 --steps 20 --rounds 3)
     GEN_ARGS=(--preset gpt2-124m --dtype bfloat16 --batch-sizes 1 64 --prompt-len 128 --new-tokens 128 --repeats 3)
     FT_ARGS=(--rounds 2 --steps 20 --warmup 3 --precision bf16 --configs haina-full-pad haina-lora-pad hf-full hf-lora)
 fi
 [ "${LOSS_AB:-0}" = 1 ] && TRAIN_ARGS+=(--loss-outside-too)
+read -r -a VARIANTS <<< "${TRAIN_VARIANTS:-attention=cudnn}"
+[ "${#VARIANTS[@]}" -gt 0 ] && TRAIN_ARGS+=(--haina-variants "${VARIANTS[@]}")
 
 part 1_env "${T_ENV:-30}" bash -c "
     nvidia-smi || echo 'nvidia-smi: not available'
@@ -73,22 +80,21 @@ print(\"device:\", torch.cuda.get_device_name() if torch.cuda.is_available() els
     git log -1 --format='commit %H %s' 2>/dev/null || echo 'commit: no .git in this copy'
     nproc; free -g | head -2"
 
+part 2_graphs "${T_GRAPHS:-180}" "$PY" benchmarks/decode_graphs.py "${GRAPH_ARGS[@]}"
+
+part 3_generate "${T_GEN:-80}" "$PY" benchmarks/generate.py --device "$DEVICE" "${GEN_ARGS[@]}"
+
 if [ -f "$NANOGPT/model.py" ]; then
-    part 2_train "${T_TRAIN:-260}" "$PY" benchmarks/train_throughput.py --nanogpt "$NANOGPT" --device "$DEVICE" \
+    part 4_train "${T_TRAIN:-280}" "$PY" benchmarks/train_throughput.py --nanogpt "$NANOGPT" --device "$DEVICE" \
         "${TRAIN_ARGS[@]}"
 else
-    echo "-- 2_train: skipped: no nanoGPT checkout at $NANOGPT (carry .cache/nanogpt)" | tee "$OUT/2_train.txt"
+    echo "-- 4_train: skipped: no nanoGPT checkout at $NANOGPT (carry .cache/nanogpt)" | tee "$OUT/4_train.txt"
 fi
 
-part 3_generate "${T_GEN:-110}" "$PY" benchmarks/generate.py --device "$DEVICE" "${GEN_ARGS[@]}"
-
-if "$PY" benchmarks/finetune.py --help 2>/dev/null | grep -q -- '--device'; then
-    part 4_finetune "${T_FT:-90}" "$PY" benchmarks/finetune.py --device "$DEVICE" "${FT_ARGS[@]}"
-else
-    echo "-- 4_finetune: skipped: benchmarks/finetune.py has no --device flag (it measures on the CPU only)" \
-        | tee "$OUT/4_finetune.txt"
+if [ "${FT:-0}" = 1 ]; then
+    part 5_finetune "${T_FT:-90}" "$PY" benchmarks/finetune.py --device "$DEVICE" "${FT_ARGS[@]}"
 fi
-part 5_gqa "${T_GQA:-40}" "$PY" - <<'EOF'
+[ "${GQA:-0}" = 1 ] && part 6_gqa "${T_GQA:-40}" "$PY" - <<'EOF'
 import time
 
 import torch

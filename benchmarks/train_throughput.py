@@ -22,6 +22,8 @@ round; the ratio is taken within each round. Peak memory of a side is the most t
 its rounds less what the other sides hold between steps (parameters, gradients and optimizer state).
 --loss-outside-too adds haina with its loss computed after the compiled model, as before it was compiled
 with it (the fp32 full-vocabulary logits outside the graph), to measure that change in the same run.
+--haina-variants adds haina sides with other train settings (string-valued ones: `attention=cudnn`,
+`compile_mode=max-autotune-no-cudagraphs`), to measure a lever against the same peer in the same run.
 
     .venv/bin/python benchmarks/train_throughput.py                      # tiny and small, auto device
     .venv/bin/python benchmarks/train_throughput.py --presets gpt2-124m --precision bf16 --compile \
@@ -126,14 +128,17 @@ class HainaSide:
     the loss was compiled with the model), to measure that change in the same run.
     """
 
-    def __init__(self, cfg: ModelConfig, args: argparse.Namespace, run_dir: str, loss_in_graph: bool = True):
+    def __init__(self, cfg: ModelConfig, args: argparse.Namespace, run_dir: str, loss_in_graph: bool = True,
+                 variant: dict[str, str] | None = None):
         self.name = "haina" if loss_in_graph else "haina, loss outside the graph"
+        if variant:
+            self.name = "haina, " + ", ".join(f"{k}={v}" for k, v in variant.items())
         self.model = Transformer(cfg)
         train = TrainConfig(batch_size=args.batch_size, block_size=cfg.block_size, device=args.device,
                             precision=args.precision, compile=args.compile, warmup_steps=0, schedule="constant",
                             tensorboard=False, lr=BENCH_OPTIM["lr"], min_lr=BENCH_OPTIM["lr"],
                             weight_decay=BENCH_OPTIM["weight_decay"], beta1=BENCH_OPTIM["betas"][0],
-                            beta2=BENCH_OPTIM["betas"][1], grad_clip=GRAD_CLIP)
+                            beta2=BENCH_OPTIM["betas"][1], grad_clip=GRAD_CLIP, **(variant or {}))
         self.trainer = Trainer(self.model, train, run_dir, train_data=RandomTokens(cfg.vocab_size))
         if not loss_in_graph:
             self.trainer._compiled_loss = None
@@ -222,6 +227,9 @@ def compare_nanogpt(args: argparse.Namespace) -> None:
         sides = [HainaSide(cfg, args, tmp), NanoGPTSide(args.nanogpt, cfg, args)]
         if args.loss_outside_too and args.compile:
             sides.append(HainaSide(cfg, args, os.path.join(tmp, "outside"), loss_in_graph=False))
+        for v, spec in enumerate(args.haina_variants or []):
+            variant = dict(item.split("=", 1) for item in spec.split(","))
+            sides.append(HainaSide(cfg, args, os.path.join(tmp, f"variant{v}"), variant=variant))
         flops_per_token = sides[0].trainer.flops_per_token
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         for side in sides:  # compilation, allocator and kernel selection happen here
@@ -261,6 +269,10 @@ def compare_nanogpt(args: argparse.Namespace) -> None:
         ratio = ratios([tokens / x for x in per_round[0]], [tokens / x for x in per_round[j]])
         print(f"| **haina / {sides[j].name}** | | {ratio.text(unit='×')} | | "
               + (f"{peak[0] / peak[j]:.2f}× |" if device.type == "cuda" and peak[j] else "|"))
+    for j in range(2, len(sides)):  # each further haina side against the peer too
+        ratio = ratios([tokens / x for x in per_round[j]], [tokens / x for x in per_round[1]])
+        print(f"| **{sides[j].name} / {sides[1].name}** | | {ratio.text(unit='×')} | | "
+              + (f"{peak[j] / peak[1]:.2f}× |" if device.type == "cuda" and peak[1] else "|"))
     print(f"\nMFU = tokens/s × {flops_per_token / 1e6:,.1f} MFLOP/token (6·N + 6·L·d·T, the same model on both "
           f"sides) / {peak_fl / 1e12:,.3g} TFLOP/s peak. Peak memory: the most torch allocated during a side's rounds "
           f"less what the other sides hold between steps. Load average {load_before:.1f} before, "
@@ -287,6 +299,9 @@ def main() -> None:
                    help="a nanoGPT checkout: train the first preset beside its bench.py configuration")
     p.add_argument("--loss-outside-too", action="store_true",
                    help="with --nanogpt and --compile: a third side, haina with its loss after the compiled model")
+    p.add_argument("--haina-variants", nargs="+", default=None, metavar="KEY=VALUE[,KEY=VALUE]",
+                   help="with --nanogpt: more haina sides with these train settings, e.g. attention=cudnn "
+                        "compile_mode=max-autotune-no-cudagraphs")
     p.add_argument("--bias", choices=["true", "false"], default=None,
                    help="biases in linears and norms, both sides (default: the preset's; bench.py uses false)")
     args = p.parse_args()

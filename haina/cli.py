@@ -47,6 +47,7 @@ COMMANDS: dict[tuple[str, ...], str] = {
     ("compress", "prune"): "haina.compress.prune:prune_command",
     ("generate",): "haina.generate.command:generate_command",
     ("chat",): "haina.generate.chat:chat_command",
+    ("embed",): "haina.generate.embed:embed_command",
     ("export", "hf"): "haina.export.hf:export_hf_command",
     ("export", "peft"): "haina.export.peft:export_peft_command",
     ("export", "onnx"): "haina.export.onnx:export_onnx_command",
@@ -59,7 +60,18 @@ COMMANDS: dict[tuple[str, ...], str] = {
     ("eval", "attention"): "haina.eval.attention:eval_attention_command",
     ("eval", "harness"): "haina.eval.harness:eval_harness_command",
     ("eval", "compare"): "haina.eval.compare:compare_command",
-    ("serve",): "haina.serve.command:serve_command",
+    ("serve",): "haina.rag.serving:serve_rag_command",
+    ("rag", "collection"): "haina.rag.command:collection_command",
+    ("rag", "index"): "haina.rag.command:index_command",
+    ("rag", "upsert"): "haina.rag.command:upsert_command",
+    ("rag", "update"): "haina.rag.command:update_command",
+    ("rag", "delete"): "haina.rag.command:delete_command",
+    ("rag", "get"): "haina.rag.command:get_command",
+    ("rag", "query"): "haina.rag.command:query_command",
+    ("rag", "stats"): "haina.rag.command:stats_command",
+    ("rag", "ask"): "haina.rag.ask:ask_command",
+    ("rag", "qa"): "haina.rag.qa:qa_command",
+    ("rag", "eval"): "haina.rag.evaluate:rag_eval_command",
 }
 
 GROUP_HELP = {
@@ -72,6 +84,7 @@ GROUP_HELP = {
     "compress": "shrink a checkpoint: quantize (int8, int4) or prune (unstructured or whole heads/channels)",
     "export": "write checkpoints in other ecosystems' formats",
     "import": "read checkpoints from other ecosystems' formats",
+    "rag": "retrieval: vector-store collections, document indexing, hybrid (dense + BM25) search",
 }
 
 
@@ -239,9 +252,10 @@ def _summaries() -> dict[tuple[str, ...], str]:
         ("finetune", "merge"): "fold a LoRA run's adapters into its base as a plain checkpoint",
         ("generate",): "generate text from a checkpoint",
         ("chat",): "interactive terminal chat with a checkpoint",
+        ("embed",): "embed texts (pooled hidden states, or the packaged all-MiniLM-L6-v2) to JSONL or .npy",
         ("export", "hf"): "export a checkpoint as a Hugging Face transformers model",
         ("export", "peft"): "export a LoRA run's adapters in PEFT's format (adapter_config.json + safetensors)",
-        ("import", "hf"): "import a Hugging Face Llama or GPT-2 checkpoint from disk",
+        ("import", "hf"): "import a Hugging Face Llama, GPT-2 or BERT checkpoint from disk",
         ("eval", "lm"): "sliding-window perplexity, loss and bits per byte on token shards or raw text",
         ("eval", "generate"): "generate for prompts and score against references (BLEU, chrF, ROUGE, exact match)",
         ("eval", "classify"): "classification metrics and calibration of a classifier checkpoint",
@@ -249,7 +263,18 @@ def _summaries() -> dict[tuple[str, ...], str]:
         ("eval", "attention"): "attention weights of every layer and head for a prompt (PNG grid and .npz)",
         ("eval", "harness"): "run lm-evaluation-harness tasks against the checkpoint through `haina serve`",
         ("eval", "compare"): "several eval reports side by side in one markdown table",
-        ("serve",): "serve a checkpoint over an OpenAI-compatible HTTP API",
+        ("serve",): "serve a checkpoint over an OpenAI-compatible HTTP API (--rag: answers grounded in a collection)",
+        ("rag", "collection"): "create, list or drop vector-store collections (dimension, metric, HNSW settings)",
+        ("rag", "index"): "chunk and index documents into a collection; re-indexing embeds only what changed",
+        ("rag", "upsert"): "insert or replace records from JSONL ({id, text, metadata, vector?})",
+        ("rag", "update"): "change the text, metadata or vector of existing records from JSONL",
+        ("rag", "delete"): "delete records by id or metadata filter",
+        ("rag", "get"): "print records by id or metadata filter as JSON lines",
+        ("rag", "query"): "hybrid (dense + BM25), dense or BM25 search, with metadata filters",
+        ("rag", "stats"): "a collection's counts, sizes, embedder and chunking (or BM25-only)",
+        ("rag", "ask"): "answer a question from a collection with a checkpoint, citing the chunks used",
+        ("rag", "qa"): "build a question set with known answer chunks (and SFT records that teach citing)",
+        ("rag", "eval"): "recall@k, MRR, nDCG@10 per mode; with --checkpoint, citation validity and refusals",
     }
 
 

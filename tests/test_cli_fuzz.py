@@ -476,6 +476,31 @@ CASES += [
           ("base-weights-truncated", truncate, "ckpt/model.safetensors", "model.safetensors"),
           ("out-is-file", to_file, "out", "out")]],
     _case("classify-no-head", "classify --checkpoint {c}/ckpt --text hello", "ckpt", (), "classifier head"),
+    # retrieval: broken input files and checkpoints, and a --store that is a file.
+    _case("rag-index-input-garbage", "rag index --input {c}/labeled.jsonl --collection docs --store {c}/store "
+          "--backend exact", "labeled.jsonl", [(garbage, "labeled.jsonl")], "labeled.jsonl"),
+    _case("rag-index-embedder-truncated", "rag index --input {c}/corpus.txt --collection docs --embedder {c}/ckpt "
+          "--store {c}/store", "ckpt corpus.txt", [(truncate, "ckpt/model.safetensors")], "model.safetensors"),
+    *[_case(f"rag-{name}-store-is-file", f"rag {argv} --store {{c}}/corpus.txt", "corpus.txt labeled.jsonl", (),
+            "is a file")
+      for name, argv in [("upsert", "upsert --collection docs --input {c}/labeled.jsonl"),
+                         ("update", "update --collection docs --input {c}/labeled.jsonl"),
+                         ("delete", "delete --collection docs --ids a"), ("get", "get --collection docs"),
+                         ("query", "query --collection docs --text hi"), ("stats", "stats --collection docs"),
+                         ("collection", "collection list"),
+                         ("qa", "qa --collection docs --out {c}/qa.jsonl")]],
+    _case("rag-ask-no-checkpoint", "rag ask --collection docs --checkpoint {c}/ckpt --store {c}/store hello",
+          "", (), "checkpoint not found"),
+    _case("rag-eval-qa-not-questions", "rag eval --collection docs --qa {c}/labeled.jsonl --out {c}/out "
+          "--store {c}/store", "labeled.jsonl", (), 'no "question"'),
+    # embeddings: a broken checkpoint, and input that is not text.
+    *[_case(f"embed-{name}", "embed --checkpoint {c}/ckpt --input {c}/prompts.txt --out {c}/out.jsonl --device cpu",
+            "ckpt prompts.txt", [(breaker, path)], expect)
+      for name, breaker, path, expect in [
+          ("weights-truncated", truncate, "ckpt/model.safetensors", "model.safetensors"),
+          ("input-garbage", garbage, "prompts.txt", "prompts.txt"),
+          ("input-empty", empty, "prompts.txt", "prompts.txt"),
+          ("out-is-dir", to_dir, "out.jsonl", "out.jsonl")]],
     *[_case(f"tune-space-{name}", "tune --command pretrain --config {c}/recipe.yaml --space {c}/space.yaml "
             "--trials 2 --out {c}/out", "recipe.yaml space.yaml data", [(breaker, "space.yaml")], "space.yaml")
       for name, breaker in [("garbage", garbage), ("bad-yaml", bad_yaml), ("empty", empty)]],

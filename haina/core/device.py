@@ -197,3 +197,13 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         raise HainaError(f"--dtype float16 needs a CUDA or MPS device (this is {device.type}); use bfloat16 or "
                          "float32")
     return DTYPES[name]
+
+
+def attention_kernel(name: str) -> contextlib.AbstractContextManager:
+    """The SDPA kernel `train.attention` names, for a step's forward passes (autograd runs the matching backward)."""
+    if name == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel({"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                        "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[name])

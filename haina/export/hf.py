@@ -1,10 +1,10 @@
 """`haina export hf` and `haina import hf`: checkpoints to and from Hugging Face `transformers` directories.
 
 An exported directory is what `save_pretrained` would write: `config.json`,
-`generation_config.json`, `model.safetensors`, and the tokenizer as `PreTrainedTokenizerFast`
-files (`tokenizer.json`, `tokenizer_config.json` with the special tokens and the chat template,
-`special_tokens_map.json`). Neither direction imports `transformers` or touches the network:
-the mapping is plain tensors and JSON (`haina.model.hf`).
+`generation_config.json` (not for an encoder, which generates nothing), `model.safetensors`, and the tokenizer
+as `PreTrainedTokenizerFast` files (`tokenizer.json`, `tokenizer_config.json` with the special tokens and the
+chat template, or a BERT's [CLS]/[SEP]/[MASK]/[UNK], `special_tokens_map.json`). Neither direction imports
+`transformers` or touches the network: the mapping is plain tensors and JSON (`haina.model.hf`).
 """
 
 from __future__ import annotations
@@ -49,20 +49,42 @@ def export_hf(model: Transformer, tokenizer: Tokenizer | None, out: str | Path,
     cfg = model.cfg
     ids = _special_ids(tokenizer)
     hf_config = to_hf_config(cfg, dtype=dtype, **ids)  # raises first if the architecture has no equivalent
+    encoder = hf_config["model_type"] == "bert"
     weights = {k: v.to(device="cpu", dtype=DTYPES[dtype]) if v.is_floating_point() else v.cpu()
                for k, v in to_hf_state_dict(cfg, model.weights()).items()}
     out = Path(out)
     with output_dir(out, EXPORT, inputs=inputs, overwrite=overwrite) as tmp:
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt", "producer": "haina"})
         write_json(tmp / "config.json", hf_config)
-        write_json(tmp / "generation_config.json", {k: v for k, v in ids.items() if v is not None})
+        if not encoder:
+            write_json(tmp / "generation_config.json", {k: v for k, v in ids.items() if v is not None})
         if tokenizer is not None:
-            save_hf_tokenizer(tokenizer, tmp, model_max_length=cfg.block_size)
+            save_hf_tokenizer(tokenizer, tmp, model_max_length=cfg.block_size,
+                              roles=bert_token_roles(tokenizer) if encoder else None)
     return out
 
 
-def save_hf_tokenizer(tokenizer: Tokenizer, out_dir: str | Path, model_max_length: int | None = None) -> None:
-    """Write `tokenizer` as the files `transformers.AutoTokenizer` loads as a `PreTrainedTokenizerFast`."""
+def bert_token_roles(tokenizer: Tokenizer) -> dict[str, str]:
+    """The tokens a BERT tokenizer_config names (cls, sep, mask, unk) that `tokenizer` has.
+
+    haina's tokenizer keeps no role names beyond eos/bos/pad, so they are found by what they are: the
+    end-of-sequence token is BERT's [SEP] (`load_hf_tokenizer` took [SEP] as it), the others by their usual text,
+    and the unknown token from the WordPiece model itself.
+    """
+    specials = tokenizer.special_strings
+    roles = {"sep_token": tokenizer.eos_token,
+             "cls_token": next((t for t in ("[CLS]", "<s>") if t in specials), None),
+             "mask_token": next((t for t in ("[MASK]", "<mask>", "<|mask|>") if t in specials), None),
+             "unk_token": getattr(tokenizer.tok.model, "unk_token", None)}
+    return {k: v for k, v in roles.items() if isinstance(v, str) and tokenizer.token_to_id(v) is not None}
+
+
+def save_hf_tokenizer(tokenizer: Tokenizer, out_dir: str | Path, model_max_length: int | None = None,
+                      roles: dict[str, str] | None = None) -> None:
+    """Write `tokenizer` as the files `transformers.AutoTokenizer` loads as a `PreTrainedTokenizerFast`.
+
+    `roles` adds named tokens to tokenizer_config.json (a BERT's `bert_token_roles`: cls_token, mask_token, ...).
+    """
     out = Path(out_dir)
     write_text(out / "tokenizer.json", tokenizer.to_json())
     specials = {"eos_token": tokenizer.eos_token, "bos_token": tokenizer.bos_token, "pad_token": tokenizer.pad_token}
@@ -72,10 +94,11 @@ def save_hf_tokenizer(tokenizer: Tokenizer, out_dir: str | Path, model_max_lengt
               "model_max_length": model_max_length or 1_000_000, "clean_up_tokenization_spaces": False,
               # Byte-level BPE has no unknown token; transformers must not invent one.
               "unk_token": None}
+    config.update(roles or {})
     if tokenizer.chat_template:
         config["chat_template"] = tokenizer.chat_template
     write_json(out / "tokenizer_config.json", config)
-    write_json(out / "special_tokens_map.json", {**specials, "additional_special_tokens": extra})
+    write_json(out / "special_tokens_map.json", {**specials, **(roles or {}), "additional_special_tokens": extra})
 
 
 def _special_ids(tokenizer: Tokenizer | None) -> dict[str, int | None]:
@@ -91,7 +114,8 @@ def export_hf_command(checkpoint: str, out: str, dtype: Literal["float32", "bflo
 
     Llama layout for rmsnorm + rope + swiglu models, GPT-2 layout for layernorm + learned
     positions + gelu models; the result loads offline with AutoModelForCausalLM.from_pretrained
-    and AutoTokenizer.from_pretrained.
+    and AutoTokenizer.from_pretrained. An encoder with BERT's options (an imported BERT) is written as
+    BertForMaskedLM (with its MLM head) or BertModel, for AutoModel / AutoModelForMaskedLM.
 
     Args:
         checkpoint: a checkpoint directory or a training run directory (its best checkpoint).
@@ -117,10 +141,12 @@ def export_hf_command(checkpoint: str, out: str, dtype: Literal["float32", "bflo
 
 def import_hf_command(path: str, out: str, dtype: Literal["float32", "bfloat16", "float16"] = "float32",
                       overwrite: bool = False) -> None:
-    """Import a Hugging Face Llama-family or GPT-2 model from a local directory as a haina checkpoint.
+    """Import a Hugging Face Llama-family, GPT-2 or BERT model from a local directory as a haina checkpoint.
 
     Reads config.json and model.safetensors (also sharded, or pytorch_model.bin) plus the
-    tokenizer and its chat template when present; never downloads anything.
+    tokenizer and its chat template when present; never downloads anything. A BERT (BertModel,
+    BertForMaskedLM, or the encoder of any Bert* model) becomes an encoder for `haina finetune classify`:
+    every token is token type 0, and the pooler and task heads are left behind.
 
     Args:
         path: the transformers model directory (as written by save_pretrained).

@@ -13,6 +13,9 @@ While a trial runs, its metrics.jsonl is followed: each validation value of the 
 the pruner, and a trial the pruner gives up on gets SIGTERM, on which the trainer stops at its next step
 with a checkpoint. A finished trial's value is the objective in its report.json (a dotted path reaches
 inside it: selection.value); where report.json lacks it, the best validation value in metrics.jsonl.
+With `--folds K` among the flags (finetune classify), each trial is a k-fold run and its value is the
+objective's mean over the folds (report.json's metrics.NAME.mean); such a trial has no run-level metrics.jsonl
+(each fold has its own), so it is never pruned.
 
 The study is kept in an Optuna RDB storage, OUT/study.db unless --study names a database. Running the
 same command again continues it up to --trials: trials that were running when the tuner was killed are
@@ -49,6 +52,7 @@ from haina.core.log import info
 from haina.core.output import check_output, claim_output, is_output_of
 from haina.finetune.tune_report import (
     counted_trials,
+    fold_mean,
     is_interrupted,
     lookup,
     rss_mb,
@@ -311,6 +315,8 @@ class Tuner:
             self._fail(trial, f"the run wrote no report.json ({run})")
         report = read_json(path, expect=dict)
         value = lookup(report, self.objective)
+        if value is None and "fold_runs" in report:  # a --folds trial: its value is the mean over the folds
+            value = fold_mean(report, self.objective)
         if value is None:
             finite = [v for v in values if math.isfinite(v)]
             value = (max if self.direction == "maximize" else min)(finite) if finite else None
@@ -389,7 +395,7 @@ def tune_command(command: str, space: str, trials: int, out: str, config: str | 
         study: an Optuna storage URL (sqlite:///DIR/study.db, postgresql://...); default OUT/study.db.
         objective: the number to optimize: a key (or dotted path) of the trial's report.json, such as val_loss,
             best_val_loss, accuracy or macro_f1 (classify: measured on its test split when it has one; its
-            validation values drive the pruner).
+            validation values drive the pruner; with --folds, the mean over the folds).
         direction: minimize or maximize (default: maximize for accuracy, F1, AUC, precision, recall; else minimize).
         seed: the sampler's seed.
         overwrite: start over in an existing OUT (a tune's, or any directory that is not an input).

@@ -49,6 +49,19 @@ def lookup(report: dict[str, Any], path: str) -> float | None:
     return float(node) if isinstance(node, (int, float)) and not isinstance(node, bool) else None
 
 
+def fold_mean(report: dict[str, Any], objective: str) -> float | None:
+    """The objective of a k-fold report (`finetune classify --folds`): its mean over the folds.
+
+    Each fold is scored on the same split (the test split, else its own validation fold), so `val_macro_f1`,
+    `test_macro_f1` and `macro_f1` all name the folds' `macro_f1`, and `val_loss` / `test_loss` their `loss`.
+    """
+    for name in (objective, objective.removeprefix("val_"), objective.removeprefix("test_")):
+        value = lookup(report, f"metrics.{name}.mean")
+        if value is not None:
+            return value
+    return None
+
+
 def is_interrupted(trial) -> bool:
     """A trial that failed because the tuner stopped (killed or interrupted), not because its command failed."""
     from optuna.trial import TrialState

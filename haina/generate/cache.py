@@ -118,6 +118,27 @@ class KVCache:
         vr[layer][rows, :, self._pos] = v.transpose(1, 2)
         return kr[layer], vr[layer], self._mask
 
+    def update_narrow(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                     torch.Tensor | None]:
+        """`update` for keys and values with fewer heads or a smaller head size than the cache holds.
+
+        They go into the leading heads and dimensions of the layer, and come back as views of that part.
+        An ensemble's members share one cache (`haina.generate.ensemble`), shaped for the widest of them;
+        kept apart from `update` so that a single model's step pays for no shape test.
+        """
+        nkv, hs = k.shape[1], k.shape[3]
+        if self._same_start:
+            kw, vw, kr, vr = self._windows
+            kw[layer][:, :nkv, :, :hs].copy_(k)
+            vw[layer][:, :nkv, :, :hs].copy_(v)
+            if self._starts[0] == 0:
+                return k, v, self._mask
+            return kr[layer][:, :nkv, :, :hs], vr[layer][:, :nkv, :, :hs], self._mask
+        kr, vr, rows = self._windows
+        kr[layer][rows, :nkv, self._pos, :hs] = k.transpose(1, 2)  # indexed as (B, T, nkv, hs)
+        vr[layer][rows, :nkv, self._pos, :hs] = v.transpose(1, 2)
+        return kr[layer][:, :nkv, :, :hs], vr[layer][:, :nkv, :, :hs], self._mask
+
     def commit(self, row0: int, counts: list[int]) -> None:
         """Advance the lengths of slots row0.. by counts (the real, unpadded tokens of the pass)."""
         for b, c in enumerate(counts):

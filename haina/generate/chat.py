@@ -289,7 +289,8 @@ def _with_stop_ids(params, ids: list[int]):
     return replace(params, stop_token_ids=tuple(dict.fromkeys([*params.stop_token_ids, *ids])))
 
 
-def chat_command(checkpoint: str, adapter: str | None = None, system: str | None = None, max_new_tokens: int = 256,
+def chat_command(checkpoint: list[str], adapter: str | None = None, weights: list[float] | None = None,
+                 system: str | None = None, max_new_tokens: int = 256,
                  temperature: float = 0.7, top_p: float = 0.95, top_k: int = 0, repetition_penalty: float = 1.0,
                  seed: int | None = None, device: str = "auto", dtype: DTypeName = "float32") -> int:
     """Chat with a checkpoint in the terminal: replies stream as they are generated.
@@ -298,9 +299,11 @@ def chat_command(checkpoint: str, adapter: str | None = None, system: str | None
     /reset to clear it and /exit or Ctrl-D to quit.
 
     Args:
-        checkpoint: checkpoint or training run directory (with a tokenizer).
+        checkpoint: checkpoint or training run directory (with a tokenizer); several make an ensemble, whose
+            next-token probabilities are mixed (they must share one tokenizer; the first one's chat template is used).
         adapter: a LoRA run or checkpoint directory to chat with, trained on --checkpoint (its tokenizer, with the
-            chat tokens fine-tuning may have added, is used instead of the base's).
+            chat tokens fine-tuning may have added, is used instead of the base's); a single --checkpoint only.
+        weights: the ensemble's weights, one per --checkpoint (e.g. 0.6,0.4), normalized to sum 1 (default: equal).
         system: a system message that opens the conversation.
         max_new_tokens: the longest reply, in tokens.
         temperature: sampling temperature (0 = greedy).
@@ -314,25 +317,26 @@ def chat_command(checkpoint: str, adapter: str | None = None, system: str | None
     from haina.core.device import resolve_device, resolve_dtype
     from haina.generate.command import check_adapter_path
     from haina.generate.engine import Engine
+    from haina.generate.ensemble import as_checkpoints, load_ensemble
     from haina.generate.sampling import SamplingParams
     from haina.generate.text import TextGenerator
-    from haina.model.checkpoint import load_model
 
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                             repetition_penalty=repetition_penalty, seed=seed)
     params.validate()
     check_adapter_path(adapter)
+    paths = as_checkpoints(checkpoint)
     dev = resolve_device(device)
-    model, tokenizer = load_model(checkpoint, device=dev, dtype=resolve_dtype(dtype, dev), adapter=adapter)
+    model, tokenizer = load_ensemble(paths, weights, device=dev, dtype=resolve_dtype(dtype, dev), adapter=adapter)
     if tokenizer is None:
-        raise HainaError(f"checkpoint {checkpoint} has no tokenizer/ directory; chat needs one to read and write text")
+        raise HainaError(f"checkpoint {paths[0]} has no tokenizer/ directory; chat needs one to read and write text")
     engine = Engine(model, max_batch_size=1, eos_token_id=tokenizer.eos_id)
     session = ChatSession(TextGenerator(engine, tokenizer), params, system=system)
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
-    what = checkpoint if adapter is None else f"{checkpoint} + adapter {adapter}"
+    what = " + ".join(paths) if adapter is None else f"{paths[0]} + adapter {adapter}"
     print(f"chatting with {what} ({model.num_params() / 1e6:.1f}M parameters). {HELP}", flush=True)
     while True:
         try:

@@ -95,36 +95,46 @@ def check_adapter_path(adapter: str | None) -> None:
         raise HainaError(f"--adapter {adapter} not found; point it at a LoRA run or checkpoint directory")
 
 
-def _load_engine(checkpoint: str, adapter: str | None, backend: str, device: str, dtype: DTypeName,
-                 batch_size: int) -> tuple[Any, Tokenizer]:
-    """The engine of `backend` over `checkpoint` (an ONNX export for onnxruntime), and the tokenizer."""
+def _load_engine(checkpoint: str | list[str], adapter: str | None, backend: str, device: str, dtype: DTypeName,
+                 batch_size: int, weights: list[float] | None = None) -> tuple[Any, Tokenizer]:
+    """The engine of `backend` over `checkpoint` (an ONNX export for onnxruntime), and the tokenizer.
+
+    Several checkpoints run as one ensemble (`haina.generate.ensemble`), mixed with `weights`.
+    """
+    from haina.generate.ensemble import as_checkpoints
     from haina.generate.onnx_backend import is_onnx_export, load_onnx_engine
 
+    paths = as_checkpoints(checkpoint)
     if backend == "onnxruntime":
+        if len(paths) > 1:
+            raise HainaError("--backend onnxruntime runs one exported model; an ensemble of several --checkpoint "
+                             "runs on --backend haina")
         if adapter is not None:
             raise HainaError("--adapter does not apply to --backend onnxruntime; merge the adapters in at export "
                              "(haina export onnx --adapter)")
-        engine, tokenizer = load_onnx_engine(checkpoint, device=device)
+        engine, tokenizer = load_onnx_engine(paths[0], device=device)
         exported = engine.decoder.spec["dtype"]
         if dtype not in ("float32", exported):  # float32 is the default: it stands for "as exported"
-            raise HainaError(f"--dtype {dtype}: the ONNX export in {checkpoint} is {exported}, fixed at export; "
+            raise HainaError(f"--dtype {dtype}: the ONNX export in {paths[0]} is {exported}, fixed at export; "
                              f"drop --dtype or re-export with haina export onnx --dtype {dtype}")
-    elif is_onnx_export(checkpoint):
-        raise HainaError(f"{checkpoint} is an ONNX export; run it with --backend onnxruntime")
+    elif onnx := next((p for p in paths if is_onnx_export(p)), None):
+        raise HainaError(f"{onnx} is an ONNX export; run it with --backend onnxruntime" + (
+            "" if len(paths) == 1 else ", alone (an ensemble mixes haina checkpoints)"))
     else:
         from haina.core.device import resolve_device, resolve_dtype
         from haina.generate.engine import Engine
-        from haina.model.checkpoint import load_model
+        from haina.generate.ensemble import load_ensemble
 
         dev = resolve_device(device)
-        model, tokenizer = load_model(checkpoint, device=dev, dtype=resolve_dtype(dtype, dev), adapter=adapter)
+        model, tokenizer = load_ensemble(paths, weights, device=dev, dtype=resolve_dtype(dtype, dev), adapter=adapter)
         engine = None if tokenizer is None else Engine(model, max_batch_size=batch_size, eos_token_id=tokenizer.eos_id)
     if tokenizer is None:
-        raise HainaError(f"checkpoint {checkpoint} has no tokenizer/ directory; generate needs one to read text")
+        raise HainaError(f"checkpoint {paths[0]} has no tokenizer/ directory; generate needs one to read text")
     return engine, tokenizer
 
 
-def generate_command(checkpoint: str, adapter: str | None = None, prompt: str | None = None,
+def generate_command(checkpoint: list[str], adapter: str | None = None, weights: list[float] | None = None,
+                     prompt: str | None = None,
                      prompts_file: str | None = None, out: str | None = None, max_new_tokens: int = 200,
                      temperature: float = 0.8, top_k: int = 50, top_p: float = 0.95, min_p: float = 0.0,
                      repetition_penalty: float = 1.0, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
@@ -135,10 +145,14 @@ def generate_command(checkpoint: str, adapter: str | None = None, prompt: str | 
                      backend: Literal["haina", "onnxruntime"] = "haina") -> int:
     """Generate text from a checkpoint: one --prompt, or a --prompts-file processed in batches.
 
+    Several --checkpoint make an ensemble: at every step their next-token probabilities are mixed (weighted by
+    --weights), so they must share one tokenizer.
+
     Args:
-        checkpoint: checkpoint or training run directory (with a tokenizer).
+        checkpoint: checkpoint or training run directory (with a tokenizer); several make an ensemble.
         adapter: a LoRA run or checkpoint directory to generate with, trained on --checkpoint (its tokenizer, when
-            it saved one, is used instead of the base's).
+            it saved one, is used instead of the base's); a single --checkpoint only.
+        weights: the ensemble's weights, one per --checkpoint (e.g. 0.6,0.4), normalized to sum 1 (default: equal).
         prompt: the text to continue.
         prompts_file: .txt (one prompt per line) or .jsonl (objects with a 'prompt' field and optional 'stop',
             'id' and sampling options); writes JSONL results to --out or stdout.
@@ -187,7 +201,7 @@ def generate_command(checkpoint: str, adapter: str | None = None, prompt: str | 
     check_adapter_path(adapter)
     if backend == "onnxruntime" and num_beams > 1:
         raise HainaError("beam search runs on haina's own engine only; use --backend haina or --num-beams 1")
-    engine, tokenizer = _load_engine(checkpoint, adapter, backend, device, dtype, batch_size)
+    engine, tokenizer = _load_engine(checkpoint, adapter, backend, device, dtype, batch_size, weights)
     gen = TextGenerator(engine, tokenizer)
 
     if stream:

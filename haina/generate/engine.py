@@ -28,6 +28,7 @@ import torch
 from haina.core.errors import HainaError
 from haina.generate.beam import beam_search
 from haina.generate.cache import KVCache
+from haina.generate.graphs import DecodeGraphs
 from haina.generate.head import DecodeHead
 from haina.generate.outputs import GenerationResult, StepEvent, TokenLogprob, token_logprobs
 from haina.generate.sampling import RowState, SamplingParams, sample_tokens
@@ -57,7 +58,8 @@ class Engine:
     """Continuous-batching generation for one `Transformer`.
 
     Args:
-        model: the model (put in eval mode for each step, restored afterwards).
+        model: the model (put in eval mode for each step, restored afterwards); an `Ensemble` of several
+            (`haina.generate.ensemble`) runs the same way, its members sharing the one KV cache.
         max_batch_size: KV-cache slots, i.e. requests decoded together; more wait in a queue.
         max_seq_len: tokens per sequence, prompt included (default: the model's block size).
         eos_token_id: ends a request unless its params say `ignore_eos`; None for no EOS.
@@ -85,6 +87,8 @@ class Engine:
         self.cache = KVCache(cfg, max_batch_size, self.max_seq_len, device=self.device, dtype=self.dtype)
         self._head = DecodeHead(model)
         self._adapters = adapter_selection(model)  # None for a model without stacked adapters: no work per call
+        # On CUDA the decode step replays CUDA graphs (haina.generate.graphs); on a CPU the eager step is faster.
+        self._graphs = DecodeGraphs(model, self.cache, self._head) if self.device.type == "cuda" else None
         self._waiting: deque[_Request] = deque()
         self._running: list[_Request] = []  # index == cache slot
         self._requests: dict[str, _Request] = {}
@@ -227,6 +231,8 @@ class Engine:
             last = h[torch.arange(len(reqs), device=self.device), torch.tensor(lens, device=self.device) - 1]
             self.cache.commit(row0, lens)
             logits = model.lm_head(last)  # (B, V)
+        elif self._graphs is not None and self._graphs.supported:  # decoding rows are slots 0..n-1
+            logits = self._graphs.decode([r.output[-1] for r in reqs])  # (B, V); advances the cache lengths
         else:
             idx = torch.tensor([[r.output[-1]] for r in reqs], device=self.device)
             starts = self.cache.lengths[row0:row0 + len(reqs)]

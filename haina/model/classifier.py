@@ -2,7 +2,8 @@
 
 A text is encoded as its tokens followed by the end-of-text token (`ClassifierConfig.append_eos`): the
 pooled position of a causal model is then always the same kind of token, one that has seen the whole text,
-and an empty text still has one token. Texts longer than the context keep their first tokens. Batches are
+and an empty text still has one token. An encoder whose tokenizer frames a sequence (an imported BERT:
+[CLS] ... [SEP]) reads it framed instead, as it was pretrained. Texts longer than the context keep their first tokens. Batches are
 padded on the right, which a causal model's real tokens never attend to; `pooling` picks
 
     last    the last real token (the end-of-text): the one a causal model has read everything at
@@ -40,6 +41,7 @@ from haina.core.errors import HainaError
 from haina.core.io import atomic_path, read_json, write_json, write_yaml
 from haina.data.records import label_name
 from haina.model.checkpoint import CONFIG, load_model, read_weights, resolve_checkpoint, save_model
+from haina.model.packed import pack_linears
 from haina.model.transformer import Transformer
 from haina.tokenizer import Tokenizer
 
@@ -168,14 +170,17 @@ class Classifier(nn.Module):
         """Token ids of each text as the classifier reads it (see the module docstring), and how many were cut."""
         tok = self._tokenizer(tokenizer)
         block = self.backbone.cfg.block_size
-        room = block - 1 if self.cfg.append_eos else block
+        # An encoder whose tokenizer frames a sequence (BERT: [CLS] ... [SEP]) reads it framed, as it was
+        # pretrained: first-token pooling then sees [CLS]. Causal models and haina's own tokenizers add nothing.
+        before, after = ([], []) if self.backbone.cfg.causal else tok.post_processor_tokens()
+        end = after if after else [tok.eos_id] if self.cfg.append_eos else []
+        room = block - len(before) - len(end)
         out, cut = [], 0
         for ids in tok.encode_batch(list(texts)):
             if len(ids) > room:
                 ids, cut = ids[:room], cut + 1
-            if self.cfg.append_eos or not ids:  # an empty text without an end-of-text would have no token
-                ids = [*ids, tok.eos_id]
-            out.append(ids)
+            tail = end if end or ids else [tok.eos_id]  # an empty text without an end-of-text would have no token
+            out.append([*before, *ids, *tail])
         return out, cut
 
     @torch.no_grad()
@@ -325,6 +330,7 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu", *, ada
     model.head.load_state_dict({k.removeprefix("head."): v for k, v in weights.items()})
     model.head.to(device=device)
     model.eval()
+    pack_linears(model)  # inference on a CPU: the Linear products through packed weights (haina.model.packed)
     return model, tokenizer
 
 

@@ -30,12 +30,24 @@ class ModelConfig:
     norm_eps: float = 1e-5
     pos: Literal["learned", "sinusoidal", "rope"] = "learned"
     rope_theta: float = 10000.0
-    mlp: Literal["gelu", "relu", "swiglu"] = "gelu"  # gelu is GPT-2's tanh approximation
+    # gelu is GPT-2's tanh approximation, gelu_exact the erf form (BERT's "gelu")
+    mlp: Literal["gelu", "gelu_exact", "relu", "swiglu"] = "gelu"
     bias: bool = True
     tie_embeddings: bool = True
     # False: every token attends to the whole sequence (an encoder, pretrained with `train.objective: mlm`);
     # such a model reads text but cannot generate it.
     causal: bool = True
+    # BERT's computation (what `haina import hf` gives a BertModel / BertForMaskedLM); the defaults are GPT-2's and
+    # Llama's. post: each block is norm(x + attn(x)), then norm(x + mlp(x)), and ends normalized, so there is no
+    # final norm; pre: x + attn(norm(x)), then x + mlp(norm(x)), with a final norm after the last block.
+    norm_position: Literal["pre", "post"] = "pre"
+    embed_norm: bool = False  # a norm on the summed embeddings, before the first block
+    # Rows of BERT's token-type (segment) embeddings; 0: none. haina passes no token types, so every token is
+    # type 0 and only the first row is used; the others are kept so that an exported BERT is the imported one.
+    type_vocab_size: int = 0
+    # BERT's masked-LM head: dense -> activation (the MLP's) -> norm before the vocabulary projection, which has
+    # a bias of its own; False: the projection alone, without bias.
+    mlm_head: bool = False
     dropout: float = 0.0
     init: Literal["normal", "xavier", "kaiming"] = "normal"
     init_std: float = 0.02
@@ -53,6 +65,11 @@ class ModelConfig:
             raise HainaError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.kv_heads})")
         if self.pos == "rope" and self.head_dim % 2:
             raise HainaError(f"rope needs an even head dimension, got {self.head_dim}")
+        if self.type_vocab_size < 0:
+            raise HainaError(f"type_vocab_size must be 0 (no token types) or positive, got {self.type_vocab_size}")
+        if self.mlm_head and self.mlp == "swiglu":
+            raise HainaError("mlm_head applies the MLP's activation to one projection, which swiglu (two) has not; "
+                             "use mlp gelu_exact, gelu or relu with mlm_head")
         if not 0.0 <= self.dropout < 1.0:
             raise HainaError(f"dropout must be in [0, 1), got {self.dropout}")
 
@@ -124,8 +141,9 @@ PRESETS: dict[str, ModelConfig] = {
     # 8192-token vocabulary: pretrains on CPU in minutes.
     "encoder-small": ModelConfig(vocab_size=8192, block_size=256, n_layer=4, n_head=4, n_embd=256, causal=False),
     # BERT-base's shape (WordPiece vocabulary of 30522, 512 positions, LayerNorm eps 1e-12), ≈110M parameters.
-    # Its size, not its exact computation: haina's blocks are pre-norm, its gelu the tanh approximation, and it
-    # has no token-type embeddings or MLM-head transform.
+    # Its size, not its exact computation: these blocks are pre-norm, the gelu the tanh approximation, with no
+    # token types or MLM-head transform; BERT's computation is norm_position post, embed_norm, mlp gelu_exact,
+    # type_vocab_size 2 and mlm_head (as `haina import hf` reads a real BERT).
     "bert-base": ModelConfig(vocab_size=30522, block_size=512, n_layer=12, n_head=12, n_embd=768,
                              intermediate_size=3072, norm_eps=1e-12, causal=False),
 }

@@ -1,12 +1,14 @@
 """Hugging Face `transformers` conversion: config and weight mapping, both directions.
 
-Two layouts have an exact equivalent in `transformers`:
+Three layouts have an exact equivalent in `transformers`:
 
 - Llama (`LlamaForCausalLM`): rmsnorm + rope + swiglu. GQA/MQA map to `num_key_value_heads`,
   a bias to `attention_bias` and `mlp_bias` together.
 - GPT-2 (`GPT2LMHeadModel`): layernorm + learned positions + gelu (tanh), plain multi-head
   attention. GPT-2's Conv1D stores weights as (in, out), the transpose of `nn.Linear`; it always
   has biases, so a bias-free haina model exports with zero biases, which computes the same.
+- BERT (`BertForMaskedLM`, `BertModel`): an encoder with BERT's options (post-norm, embedding norm, token
+  types, the masked-LM head); the mapping and what does not cross over are in `haina.model.bert`.
 
 Everything here works on plain dicts and tensors; `transformers` is never imported, so a model
 can be converted without the optional extra. Reading directories (sharded safetensors, pickled
@@ -23,11 +25,19 @@ import torch
 
 from haina.core.errors import HainaError
 from haina.core.io import read_json
+from haina.model.bert import (
+    bert_mismatch,
+    bert_only,
+    from_bert_config,
+    from_bert_state_dict,
+    to_bert_config,
+    to_bert_state_dict,
+)
 from haina.model.config import ModelConfig
 
-Layout = Literal["llama", "gpt2"]
+Layout = Literal["llama", "gpt2", "bert"]
 # model_type values we read. Mistral is Llama's architecture plus an optional sliding window.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "gpt2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "gpt2", "bert")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -35,8 +45,16 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def hf_layout(cfg: ModelConfig) -> Layout:
     """The `transformers` layout that computes exactly what `cfg` does, or HainaError naming what has none."""
     if not cfg.causal:
-        raise HainaError("an encoder (causal: false) has no Llama or GPT-2 equivalent: both are causal language "
-                         "models; export a model trained with model.causal: true")
+        off = bert_mismatch(cfg)
+        if off:
+            raise HainaError(f"an encoder (causal: false) has no Llama or GPT-2 equivalent (both are causal), and this "
+                             f"one is no BERT ({', '.join(off)}; BERT is layernorm + learned positions with "
+                             "norm_position post and embed_norm true); export a causal model, or a BERT encoder")
+        return "bert"
+    extra = bert_only(cfg)
+    if extra:
+        raise HainaError(f"no Hugging Face equivalent for a causal model with {', '.join(extra)}: these are BERT's "
+                         "options, and BERT is an encoder (causal: false)")
     if cfg.norm == "rmsnorm" and cfg.pos == "rope" and cfg.mlp == "swiglu":
         return "llama"
     if cfg.norm == "layernorm" and cfg.pos == "learned" and cfg.mlp == "gelu":
@@ -63,6 +81,8 @@ def to_hf_config(cfg: ModelConfig, *, dtype: str = "float32", bos_token_id: int 
     common = {"vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": bos_token_id,
               "eos_token_id": eos_token_id, "pad_token_id": pad_token_id, "initializer_range": cfg.init_std,
               "use_cache": True, "dtype": dtype, "torch_dtype": dtype}  # "torch_dtype" for transformers < 4.56
+    if layout == "bert":
+        return to_bert_config(cfg, common)
     if layout == "llama":
         return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": cfg.n_embd,
                 "intermediate_size": cfg.ffn_dim, "num_hidden_layers": cfg.n_layer,
@@ -82,6 +102,8 @@ def to_hf_state_dict(cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> dict
     """haina weights (as `Transformer.weights()`: a tied head stored once) -> `transformers` names and shapes."""
     layout = hf_layout(cfg)
     w = {k: v.detach() for k, v in weights.items()}
+    if layout == "bert":
+        return {k: v.contiguous() for k, v in to_bert_state_dict(cfg, w).items()}
     hs, nh, nkv = cfg.head_dim, cfg.n_head, cfg.kv_heads
     out: dict[str, torch.Tensor] = {}
     if layout == "llama":
@@ -128,7 +150,7 @@ def to_hf_state_dict(cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> dict
 
 # ---------------------------------------------------------------------------------------- HF -> haina
 def from_hf_config(hf: dict) -> ModelConfig:
-    """A haina `ModelConfig` from a `transformers` config.json dict (Llama family or GPT-2)."""
+    """A haina `ModelConfig` from a `transformers` config.json dict (Llama family, GPT-2 or BERT)."""
     try:
         cfg = _from_hf_config(hf)
     except KeyError as e:
@@ -145,6 +167,8 @@ def _from_hf_config(hf: dict) -> ModelConfig:
     kind = hf.get("model_type")
     if kind not in SUPPORTED_MODEL_TYPES:
         raise HainaError(f"cannot import model_type '{kind}'; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    if kind == "bert":
+        return from_bert_config(hf, _model_config, _int)
     tie = bool(hf.get("tie_word_embeddings", kind == "gpt2"))
     if kind == "gpt2":
         act = hf.get("activation_function", "gelu_new")
@@ -218,6 +242,8 @@ def from_hf_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[st
 
 def _from_hf_state_dict(cfg: ModelConfig, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     layout = hf_layout(cfg)
+    if layout == "bert":
+        return {k: v.contiguous() for k, v in from_bert_state_dict(cfg, sd).items()}
     prefix = "model." if layout == "llama" else "transformer."
     # A bare base model (LlamaModel, GPT2Model) saves its keys without the prefix.
     w = {(k if k.startswith((prefix, "lm_head.")) else prefix + k): v for k, v in sd.items()}

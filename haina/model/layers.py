@@ -20,8 +20,9 @@ class KVCacheLike(Protocol):
     """What attention needs from an inference-time KV cache (owned by `haina.generate`).
 
     `update` stores this step's keys/values for `layer` and returns every cached key and value
-    for the rows in the batch, with a boolean mask (B, 1, T, S) that is True where a query may
-    attend; None means plain causal attention over the returned keys.
+    for the rows in the batch, with a mask (B, 1, T, S) for SDPA: boolean (True where a query may
+    attend) or additive (0 there, -inf elsewhere, in the keys' dtype: what the CUDA-graph decode step passes,
+    sparing SDPA a conversion per layer); None means plain causal attention over the returned keys.
     """
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -172,8 +173,20 @@ class Attention(nn.Module):
         return y.transpose(1, 2).reshape(B, T, self.n_head * self.hs)
 
 
+def activate(kind: str, h: torch.Tensor) -> torch.Tensor:
+    """The MLP's nonlinearity `kind` (ModelConfig.mlp) on h; swiglu halves the last dimension (gate * up)."""
+    if kind == "swiglu":
+        gate, up = h.chunk(2, dim=-1)
+        return F.silu(gate) * up
+    if kind == "gelu":
+        return F.gelu(h, approximate="tanh")
+    if kind == "gelu_exact":
+        return F.gelu(h)
+    return F.relu(h)
+
+
 class MLP(nn.Module):
-    """Position-wise feed-forward: GELU (tanh, as GPT-2), ReLU, or SwiGLU (as Llama)."""
+    """Position-wise feed-forward: GELU (tanh, as GPT-2; erf, as BERT), ReLU, or SwiGLU (as Llama)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -185,27 +198,24 @@ class MLP(nn.Module):
         self.dropout = cfg.dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.proj(self._activate(self.fc(x)))
+        h = self.proj(activate(self.kind, self.fc(x)))
         return F.dropout(h, self.dropout) if self.training and self.dropout else h
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """`forward` in eval mode without module-call overhead (see `call_plain`)."""
-        return call_plain(self.proj, self._activate(call_plain(self.fc, x)))
-
-    def _activate(self, h: torch.Tensor) -> torch.Tensor:
-        if self.kind == "swiglu":
-            gate, up = h.chunk(2, dim=-1)
-            return F.silu(gate) * up
-        if self.kind == "gelu":
-            return F.gelu(h, approximate="tanh")
-        return F.relu(h)
+        return call_plain(self.proj, activate(self.kind, call_plain(self.fc, x)))
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """A residual block around attention and the MLP, with its norms placed as `cfg.norm_position` says.
+
+    pre (GPT-2, Llama): x + attn(norm1(x)), then x + mlp(norm2(x)); the stream itself is never normalized.
+    post (BERT): norm1(x + attn(x)), then norm2(x + mlp(x)); the block's output is normalized.
+    """
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
+        self.post = cfg.norm_position == "post"
         self.norm1 = make_norm(cfg)
         self.attn = Attention(cfg, layer_idx)
         self.norm2 = make_norm(cfg)
@@ -219,6 +229,10 @@ class Block(nn.Module):
         Every position still supplies keys and values; only the kept ones go on through the output
         projection and the MLP, the larger part of a block's work.
         """
+        if self.post:
+            a = self.attn(x, rope, cache, attn_mask, select)
+            x = self.norm1((x if select is None else x[select]) + a)
+            return self.norm2(x + self.mlp(x))
         a = self.attn(self.norm1(x), rope, cache, attn_mask, select)
         x = (x if select is None else x[select]) + a
         return x + self.mlp(self.norm2(x))
@@ -226,6 +240,28 @@ class Block(nn.Module):
     def decode(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                cache: KVCacheLike) -> torch.Tensor:
         """`forward` in eval mode through the KV cache, without module-call overhead (see `call_plain`)."""
+        if self.post:
+            x = call_plain(self.norm1, x + self.attn.decode(x, rope, cache))
+            return call_plain(self.norm2, x + self.mlp.decode(x))
         x = x + self.attn.decode(call_plain(self.norm1, x), rope, cache)
         return x + self.mlp.decode(call_plain(self.norm2, x))
 
+
+class MLMHead(nn.Module):
+    """BERT's masked-LM head: dense -> activation -> norm, then the vocabulary projection with its own bias.
+
+    `weight` (V, C) is the projection, tied to the token embeddings as an `nn.Linear` LM head's would be, so
+    that code reading `model.lm_head.weight` (tying, parameter counts) treats both heads alike.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.kind = cfg.mlp
+        self.dense = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.norm = make_norm(cfg)
+        self.weight = nn.Parameter(torch.empty(cfg.vocab_size, cfg.n_embd))
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Hidden states (..., C) -> logits (..., V)."""
+        return F.linear(self.norm(activate(self.kind, self.dense(x))), self.weight, self.bias)

@@ -118,7 +118,7 @@ def lora_plan(cfg: ModelConfig, targets: tuple[str, ...]) -> dict[str, dict[str,
     rows = {"q": ("attn.qkv", (0, q)), "k": ("attn.qkv", (q, q + kv)), "v": ("attn.qkv", (q + kv, q + 2 * kv)),
             "o": ("attn.proj", (0, cfg.n_embd)), "fc": ("mlp.fc", (0, 2 * hidden if swiglu else hidden)),
             "down": ("mlp.proj", (0, cfg.n_embd))}
-    if swiglu:  # gate first, as MLP._activate chunks it
+    if swiglu:  # gate first, as layers.activate chunks it
         rows |= {"gate": ("mlp.fc", (0, hidden)), "up": ("mlp.fc", (hidden, 2 * hidden))}
     groups = {"qkv": ("q", "k", "v"), "proj": ("o", "down"),
               "all": ("q", "k", "v", "o", *(("gate", "up") if swiglu else ("fc",)), "down")}

@@ -1,5 +1,9 @@
 """The Transformer: one file, one device. Decoder-only (causal), or an encoder with `cfg.causal` False.
 
+The same class computes BERT when its config says so (`norm_position: post`, `embed_norm`, `type_vocab_size`,
+`mlm_head`, `mlp: gelu_exact`): the token embeddings gain the first token-type row and a norm, the blocks are
+post-norm with no final norm, and the LM head is BERT's masked-LM head.
+
 Parallelism, compilation and activation checkpointing are applied from outside (by the
 trainer); inference state (the KV cache) belongs to the generation engine and is passed in.
 """
@@ -16,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from haina.core.errors import HainaError
 from haina.model.config import ModelConfig
-from haina.model.layers import Block, KVCacheLike, call_plain, make_norm, rope_cos_sin, sinusoidal
+from haina.model.layers import Block, KVCacheLike, MLMHead, call_plain, make_norm, rope_cos_sin, sinusoidal
 
 # The one message of every path that would generate text (the engine, `decode`, a forward with a KV cache).
 ENCODER_CANNOT_GENERATE = ("an encoder (causal: false) cannot generate text: it attends to later tokens, which a "
@@ -29,9 +33,15 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.pos_emb = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos == "learned" else None
+        # BERT's extras are created only when asked for: every other model's state dict stays as it was.
+        if cfg.type_vocab_size:
+            self.type_emb = nn.Embedding(cfg.type_vocab_size, cfg.n_embd)
+        if cfg.embed_norm:
+            self.emb_norm = make_norm(cfg)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
-        self.norm_f = make_norm(cfg)
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        # Post-norm blocks end normalized; a final norm would normalize twice.
+        self.norm_f = make_norm(cfg) if cfg.norm_position == "pre" else nn.Identity()
+        self.lm_head = MLMHead(cfg) if cfg.mlm_head else nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.gradient_checkpointing = False
@@ -56,6 +66,9 @@ class Transformer(nn.Module):
                     nn.init.zeros_(module.bias)
             elif isinstance(module, nn.Embedding):
                 nn.init.normal_(module.weight, mean=0.0, std=cfg.init_std)
+            elif isinstance(module, MLMHead):  # its vocabulary projection, as an untied LM head's
+                nn.init.normal_(module.weight, mean=0.0, std=cfg.init_std)
+                nn.init.zeros_(module.bias)
         if cfg.tie_embeddings:
             # The tied matrix is initialized once, as an embedding.
             nn.init.normal_(self.tok_emb.weight, mean=0.0, std=cfg.init_std)
@@ -130,6 +143,9 @@ class Transformer(nn.Module):
         """Token (and position) embeddings (B, T, C), and the rotary tables when the model uses rope."""
         cfg = self.cfg
         x = self.tok_emb(idx)  # (B, T, C)
+        if cfg.type_vocab_size:
+            # Every token is of type 0 (haina passes no segments), added before the positions as BERT adds it.
+            x = x + self.type_emb.weight[0]
         rope = None
         if cfg.pos == "learned":
             x = x + self.pos_emb(positions)
@@ -137,18 +153,22 @@ class Transformer(nn.Module):
             x = x + sinusoidal(positions, cfg.n_embd).to(x.dtype)
         else:
             rope = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
+        if cfg.embed_norm:
+            x = self.emb_norm(x)
         if self.training and cfg.dropout:
             x = F.dropout(x, cfg.dropout)
         return x, rope
 
     # ----------------------------------------------------------------- helpers
     def num_params(self, non_embedding: bool = False) -> int:
-        """Parameters, counting a tied matrix once; optionally without position/token embeddings."""
+        """Parameters, counting a tied matrix once; optionally without position/token(-type) embeddings."""
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
             n -= self.tok_emb.weight.numel()
             if self.pos_emb is not None:
                 n -= self.pos_emb.weight.numel()
+            if self.cfg.type_vocab_size:
+                n -= self.type_emb.weight.numel()
         return n
 
     def weights(self) -> dict[str, torch.Tensor]:

@@ -34,6 +34,7 @@ from haina.serve.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    EmbeddingRequest,
     ErrorBody,
     TokenizeRequest,
     error_body,
@@ -110,6 +111,10 @@ def create_app(config: ServiceConfig, service: Service | None = None, loader: Lo
     @app.post("/v1/chat/completions", responses=_ERRORS)
     async def chat(body: ChatCompletionRequest, request: Request) -> Any:
         return _respond(await service.chat(body, request.is_disconnected))
+
+    @app.post("/v1/embeddings", responses=_ERRORS)
+    async def embeddings(body: EmbeddingRequest) -> Any:
+        return _respond(await service.embeddings(body))
 
     @app.post("/tokenize", responses=_ERRORS)
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:

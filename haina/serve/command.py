@@ -6,8 +6,9 @@ import ipaddress
 import os
 import socket
 import stat
+from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from haina.core.errors import HainaError
 from haina.core.log import info, logger, setup_logging
@@ -22,29 +23,34 @@ __all__ = ["check_adapters", "check_bindable", "is_loopback", "parse_adapters", 
 KEEP_ALIVE_S = 65
 
 
-def serve_command(checkpoint: str, adapter: list[str] | None = None, host: str = "127.0.0.1", port: int = 8000,
+def serve_command(checkpoint: list[str], adapter: list[str] | None = None, weights: list[float] | None = None,
+                  host: str = "127.0.0.1", port: int = 8000,
                   api_key: list[str] | None = None, api_key_file: str | None = None, max_batch_size: int = 16,
                   max_queue: int = 256, max_model_len: int | None = None, served_model_name: str | None = None,
                   device: str = "auto", dtype: Literal["float32", "bfloat16", "float16"] = "float32",
                   max_body_mb: float = 4.0, threads: int | None = None,
                   request_timeout: float | None = None, drain_timeout: float = 30.0,
-                  log_level: Literal["critical", "error", "warning", "info", "debug"] = "info") -> int:
+                  log_level: Literal["critical", "error", "warning", "info", "debug"] = "info", *,
+                  context: Callable[[], Any] | None = None) -> int:
     """Serve a checkpoint over HTTP with the OpenAI API (completions, chat, streaming), with continuous batching.
 
     With --adapter, one base serves several LoRA adapters at once: a request's `model` picks the base (its own
     name) or an adapter (the adapter's name), and requests for different adapters are batched together.
+    Several --checkpoint are served as one ensemble: at every step their next-token probabilities are mixed
+    (weighted by --weights), so they must share one tokenizer.
 
-    Endpoints: /v1/completions, /v1/chat/completions, /v1/models, /tokenize, /detokenize,
+    Endpoints: /v1/completions, /v1/chat/completions, /v1/embeddings, /v1/models, /tokenize, /detokenize,
     /tokenizer_info, /health (503 while the model loads, then 200), /metrics (Prometheus) and a chat
     playground at /. The model loads in the background, so /health answers at once.
     SIGTERM (or Ctrl-C) drains: requests in flight finish while new ones get 503, then the server exits
     with status 0; after --drain-timeout seconds, or at a second signal, what is left is cancelled.
 
     Args:
-        checkpoint: checkpoint or training run directory (with a tokenizer).
+        checkpoint: checkpoint or training run directory (with a tokenizer); several make an ensemble.
         adapter: a LoRA adapter to serve on the base, as NAME=DIR (requests with model NAME use it) or DIR (named
             after the directory); repeat for several. DIR is a LoRA run or checkpoint directory trained on
-            --checkpoint; its tokenizer, when it saved one, serves its requests.
+            --checkpoint; its tokenizer, when it saved one, serves its requests. A single --checkpoint only.
+        weights: the ensemble's weights, one per --checkpoint (e.g. 0.6,0.4), normalized to sum 1 (default: equal).
         host: address to bind; the default serves this machine only, 0.0.0.0 serves the network (without an
             API key, anyone who reaches the port may use the server: a warning says so).
         port: TCP port.
@@ -55,7 +61,8 @@ def serve_command(checkpoint: str, adapter: list[str] | None = None, host: str =
         max_batch_size: sequences decoded together (KV-cache slots); 1 serves one request at a time.
         max_queue: most sequences waiting for a slot; beyond it requests get 429 at once.
         max_model_len: context length, prompt plus completion (default: the model's block size).
-        served_model_name: the model name clients send (default: the checkpoint directory's name).
+        served_model_name: the model name clients send (default: the checkpoint directory's name; an ensemble's
+            names joined by '+').
         device: auto, cpu, cuda, cuda:1 or mps.
         dtype: the weights' precision: float32, bfloat16 (half the memory), or float16 (CUDA/MPS only).
         max_body_mb: largest request body accepted, in MiB (413 beyond).
@@ -68,6 +75,8 @@ def serve_command(checkpoint: str, adapter: list[str] | None = None, host: str =
         drain_timeout: seconds requests in flight may take to finish after SIGTERM before they are cancelled
             (503) and the server exits.
         log_level: how much uvicorn logs (info logs every request).
+        context: (Python API; `haina serve --rag` sets it) builds the provider that adds context to chat
+            requests when the model loads: `ServiceConfig.context`.
     """
     # The options are checked first: their mistakes are then one line at once, before torch is even imported.
     keys = [k for k in (api_key or []) if k]
@@ -95,14 +104,22 @@ def serve_command(checkpoint: str, adapter: list[str] | None = None, host: str =
 
     import uvicorn
 
+    from haina.generate.ensemble import ADAPTER_WITH_ENSEMBLE, as_checkpoints, check_members, mixture_weights
     from haina.model.checkpoint import verify_checkpoint
     from haina.serve.app import DrainingServer, create_app
     from haina.serve.service import Service, ServiceConfig
 
+    checkpoints = as_checkpoints(checkpoint)
+    mixture_weights(weights, len(checkpoints))
+    if len(checkpoints) > 1 and adapters:
+        raise HainaError(ADAPTER_WITH_ENSEMBLE)
     # A wrong path or a damaged checkpoint (checksums, config, weights header, tokenizer) fails here, before the
     # port is bound, not later in the background load; the digests are remembered, so that load does not rehash.
-    verify_checkpoint(checkpoint)
-    check_adapters(checkpoint, adapters)
+    for path in checkpoints:
+        verify_checkpoint(path)
+    if len(checkpoints) > 1:
+        check_members(checkpoints)  # tokenizers and vocabularies: a mismatch is refused before the port is bound
+    check_adapters(checkpoints[0], adapters)
     from haina.core.device import resolve_device, resolve_dtype
 
     resolve_dtype(dtype, resolve_device(device))  # float16 on a CPU: refused before the port is bound
@@ -111,10 +128,11 @@ def serve_command(checkpoint: str, adapter: list[str] | None = None, host: str =
         import torch
 
         torch.set_num_threads(threads)
-    config = ServiceConfig(checkpoint=str(checkpoint), served_model_name=served_model_name,
+    config = ServiceConfig(checkpoint=checkpoints[0], ensemble=tuple(checkpoints[1:]),
+                           weights=tuple(weights or ()), served_model_name=served_model_name,
                            max_batch_size=max_batch_size, max_queue=max_queue, max_model_len=max_model_len,
                            device=device, dtype=dtype, api_keys=tuple(keys), max_body_bytes=int(max_body_mb * 1024 * 1024),
-                           request_timeout=request_timeout, adapters=adapters)
+                           request_timeout=request_timeout, adapters=adapters, context=context)
     service = Service(config)
     failed: list[str] = []
     server: uvicorn.Server | None = None
@@ -141,7 +159,7 @@ def serve_command(checkpoint: str, adapter: list[str] | None = None, host: str =
             raise HainaError(f"cannot listen on {shown}:{port} (see the message above)") from None
         raise
     if failed:
-        raise HainaError(f"cannot serve {checkpoint}: {failed[0]}")
+        raise HainaError(f"cannot serve {' + '.join(checkpoints)}: {failed[0]}")
     return 0
 
 

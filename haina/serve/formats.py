@@ -1,4 +1,5 @@
-"""OpenAI response bodies and stream chunks for completions and chat, built from finished or streaming sequences.
+"""OpenAI response bodies and stream chunks for completions and chat, built from finished or streaming sequences,
+and the embeddings list.
 
 A sequence here is anything with the attributes of `service._Seq` (index, text, num_tokens,
 logprobs, prompt_logprobs, finish_reason, want_logprobs, echo_text, prompt_index); a run is a
@@ -7,10 +8,13 @@ logprobs, prompt_logprobs, finish_reason, want_logprobs, echo_text, prompt_index
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
+
+import numpy as np
 
 from haina.core.log import logger
 from haina.generate.outputs import TokenLogprob
@@ -18,7 +22,7 @@ from haina.serve.loop import Cancelled
 from haina.serve.protocol import error_body, usage
 from haina.tokenizer import Tokenizer
 
-__all__ = ["ChatFormat", "CompletionFormat", "sse"]
+__all__ = ["ChatFormat", "CompletionFormat", "embedding_response", "sse"]
 
 
 async def sse(chunks: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
@@ -163,9 +167,17 @@ class CompletionFormat(_Format):
 
 
 class ChatFormat(_Format):
-    """`chat.completion` bodies and `chat.completion.chunk` deltas (the role first, then the content)."""
+    """`chat.completion` bodies and `chat.completion.chunk` deltas (the role first, then the content).
+
+    `sources` (what a context provider gave the model, or None) go at the top level of a body, and of a
+    stream's first chunk: a client can show them while the answer streams, and has them if it stops early.
+    """
 
     object_name = "chat.completion.chunk"
+
+    def __init__(self, rid: str, model: str, tok: Tokenizer, sources: list[dict[str, Any]] | None = None):
+        super().__init__(rid, model, tok)
+        self.sources = sources
 
     def logprobs(self, entries: list[TokenLogprob]) -> dict[str, Any]:
         def item(token_id: int, lp: float) -> dict[str, Any]:
@@ -181,13 +193,17 @@ class ChatFormat(_Format):
                     "finish_reason": s.finish_reason} for s in seqs]
         body = self.chunk(choices, usage=usage(prompt_tokens, sum(s.num_tokens for s in seqs)))
         body["object"] = "chat.completion"
+        if self.sources is not None:
+            body["sources"] = self.sources
         return body
 
     async def stream(self, run, disconnected, include_usage: bool, prompt_tokens: int
                      ) -> AsyncIterator[dict[str, Any]]:
+        extra = {} if self.sources is None else {"sources": self.sources}
         for seq in sorted(run.pending.values(), key=lambda s: s.index):
             yield self.chunk([{"index": seq.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                               "finish_reason": None}])
+                               "finish_reason": None}], **extra)
+            extra = {}
         seqs = {}
         async for seq, text, lps in run.events(disconnected):
             seqs[seq.index] = seq
@@ -198,3 +214,14 @@ class ChatFormat(_Format):
                                "finish_reason": seq.finish_reason}])
         if include_usage:
             yield self.usage_chunk(prompt_tokens, seqs.values())
+
+
+def embedding_response(vectors: np.ndarray, encoding_format: str, model: str, prompt_tokens: int) -> dict[str, Any]:
+    """OpenAI's embedding list; base64 is each vector's little-endian float32 bytes, as the openai client reads it."""
+    data = []
+    for i, v in enumerate(vectors):
+        embedding = base64.b64encode(v.astype("<f4").tobytes()).decode("ascii") if encoding_format == "base64" \
+            else v.tolist()
+        data.append({"object": "embedding", "index": i, "embedding": embedding})
+    return {"object": "list", "data": data, "model": model,
+            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}

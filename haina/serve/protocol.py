@@ -9,6 +9,10 @@ naming the field unless they ask for nothing (`tools: []`, `response_format: {"t
 a request is never answered as if a field it relies on had been applied. Fields that do not change
 the answer (`user`, `metadata`, `service_tier`, prompt-cache hints...) and fields OpenAI does not
 define are ignored, as OpenAI-compatible servers do.
+
+A chat request's `haina_rag` (true/false) is haina's own field: with a server started with `--rag`, retrieval
+runs for every chat request unless it sends `haina_rag: false`, and the answer carries the passages the model
+was given under `sources` (see `haina.serve.service`); without `--rag`, `haina_rag: true` is a 400.
 """
 
 from __future__ import annotations
@@ -19,14 +23,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
 
-__all__ = ["ChatCompletionRequest", "ChatMessage", "CompletionRequest", "DetokenizeRequest", "ErrorBody",
-           "StreamOptions", "TokenizeRequest", "error_body"]
+__all__ = ["ChatCompletionRequest", "ChatMessage", "CompletionRequest", "DetokenizeRequest", "EmbeddingRequest",
+           "ErrorBody", "StreamOptions", "TokenizeRequest", "error_body"]
 
 MAX_N = 64
 MAX_LOGPROBS = 20
 MAX_STOP = 16
 SEED_LIMIT = 2**62  # torch generators take 64-bit seeds; seed + n must stay inside
 MAX_BIAS = 100  # OpenAI's range for logit_bias values
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit on the inputs of one embeddings request
 
 # Fields OpenAI (or vLLM, for structured output) defines that this server cannot honour: why, and the values that
 # ask for nothing, which pass. Any other value is a 400 naming the field.
@@ -179,6 +184,8 @@ class ChatCompletionRequest(_Sampling):
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: StrictBool = True
+    # haina's extension: retrieval on (true) or off (false) for this request; None: on when the server has --rag.
+    haina_rag: StrictBool | None = None
 
     def refused(self) -> tuple[str, str] | None:
         """(param, message) for the first field this server cannot honour, the messages' included, else None."""
@@ -210,6 +217,33 @@ class TokenizeRequest(_Request):
 class DetokenizeRequest(_Request):
     model: StrictStr | None = None
     tokens: list[StrictInt]
+
+
+class EmbeddingRequest(_Request):
+    """POST /v1/embeddings: one text or token-id list, or a list of them; `user` and other fields are ignored."""
+
+    model: StrictStr | None = None
+    input: StrictStr | Annotated[list[StrictStr], Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)] | \
+        TokenIds | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_EMBEDDING_INPUTS)]
+    encoding_format: Literal["float", "base64"] = "float"
+    # Accepted when it is the model's own dimension: cutting a vector short is meaningful only for models trained
+    # for it (Matryoshka), which a haina model is not.
+    dimensions: StrictInt | None = Field(None, ge=1)
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _input_shape(cls, value: Any) -> Any:
+        # One message naming the accepted shapes, rather than pydantic's one per member of the union.
+        def ids(x: Any) -> bool:
+            return isinstance(x, list) and bool(x) and all(type(t) is int for t in x)
+
+        if isinstance(value, list) and not value:
+            raise ValueError("input is an empty list; give at least one text")
+        if not (isinstance(value, str) or ids(value) or (isinstance(value, list) and (
+                all(isinstance(x, str) for x in value) or all(ids(x) for x in value)))):
+            raise ValueError("input must be a string, a list of strings, a list of token ids, or a list of token-id "
+                             "lists (none empty)")
+        return value
 
 
 # ---------------------------------------------------------------------------------------------- responses

@@ -10,6 +10,13 @@ before anything is submitted, so a bad request never reaches the engine thread.
 With LoRA adapters (`ServiceConfig.adapters`) one base serves several models: a request's `model`
 names the base or one adapter, each with its own tokenizer (a fine-tuning run may have added chat
 tokens), and the engine runs requests for different adapters in the same batch.
+
+With several checkpoints (`ServiceConfig.ensemble`) the model is an ensemble (`haina.generate.ensemble`): one
+engine, whose every step mixes the members' next-token probabilities.
+
+With a context provider (`ServiceConfig.context`, `haina serve --rag`) a chat request's messages pass through it
+before they are rendered (`haina.serve.context`). /v1/embeddings pools the served model's final hidden states
+(`haina.serve.embeddings`).
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from haina.core.errors import HainaError
 from haina.core.log import logger
@@ -30,13 +37,23 @@ from haina.generate.engine import Engine
 from haina.generate.outputs import StepEvent, TokenLogprob
 from haina.generate.sampling import SamplingParams
 from haina.generate.text import SequenceDecoder
+from haina.serve.context import CONTEXT_ANSWER_ROOM, ContextBusy, ContextProvider, ContextRunner, Messages
 from haina.serve.formats import ChatFormat, CompletionFormat, sse
 from haina.serve.loop import EngineFailure, EngineLoop, QueueFull, Sequence
 from haina.serve.metrics import ServeMetrics
-from haina.serve.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from haina.serve.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    EmbeddingRequest,
+    TokenizeRequest,
+)
 from haina.tokenizer import Tokenizer
 
-__all__ = ["APIError", "Served", "Service", "ServiceConfig", "attach_adapters"]
+if TYPE_CHECKING:
+    from haina.serve.embeddings import Pooler
+
+__all__ = ["APIError", "ContextProvider", "Served", "Service", "ServiceConfig", "attach_adapters"]
 
 DISCONNECT_POLL_S = 0.5  # how often a request checks that its client is still there
 GREEDY_BELOW = 1e-5  # temperatures this small are greedy: dividing logits by them overflows fp32
@@ -59,6 +76,13 @@ class ServiceConfig:
         request_timeout: seconds a generation request may take before it is cancelled in the engine (504).
         adapters: (name, directory) of each LoRA adapter served on the base: a request whose `model` is the
             name runs with that adapter (a LoRA run or checkpoint directory trained on this base).
+        ensemble: further checkpoints served with `checkpoint` as one ensemble, whose next-token probabilities
+            are mixed (they must share its tokenizer); not with adapters.
+        weights: the ensemble's weights, `checkpoint`'s first (normalized; empty: equal).
+        context: builds the `ContextProvider` of chat requests when the model loads (so /health answers
+            meanwhile, and a failure is a load error). A picklable callable without arguments (a top-level
+            function or a functools.partial of one), so that the config can go to another process. None: chat
+            requests reach the model as sent.
     """
 
     checkpoint: str
@@ -72,8 +96,16 @@ class ServiceConfig:
     max_body_bytes: int = 4 * 1024 * 1024
     request_timeout: float | None = None
     adapters: tuple[tuple[str, str], ...] = ()
+    ensemble: tuple[str, ...] = ()
+    weights: tuple[float, ...] = ()
+    context: Callable[[], ContextProvider] | None = None
 
     def __post_init__(self) -> None:
+        from haina.generate.ensemble import ADAPTER_WITH_ENSEMBLE, mixture_weights
+
+        mixture_weights(self.weights or None, len(self.checkpoints))
+        if self.ensemble and self.adapters:
+            raise HainaError(ADAPTER_WITH_ENSEMBLE)
         names = [self.model_name]
         for name, _ in self.adapters:
             if not name or name != name.strip():
@@ -85,8 +117,14 @@ class ServiceConfig:
             names.append(name)
 
     @property
+    def checkpoints(self) -> tuple[str, ...]:
+        """Every checkpoint served: `checkpoint`, then the rest of an ensemble."""
+        return (self.checkpoint, *self.ensemble)
+
+    @property
     def model_name(self) -> str:
-        return self.served_model_name or Path(self.checkpoint).resolve().name
+        """served_model_name, else the checkpoint directory's name (an ensemble's names joined by '+')."""
+        return self.served_model_name or "+".join(Path(p).resolve().name for p in self.checkpoints)
 
     @property
     def model_names(self) -> list[str]:
@@ -115,12 +153,13 @@ class Served:
 
 
 def load_checkpoint(config: ServiceConfig) -> tuple[Any, Tokenizer | None]:
-    """The default loader: the checkpoint's model (eval mode, on the device) and tokenizer."""
+    """The default loader: the checkpoint's model (eval mode, on the device) and tokenizer; an ensemble's of several."""
     from haina.core.device import resolve_device, resolve_dtype
-    from haina.model.checkpoint import load_model
+    from haina.generate.ensemble import load_ensemble
 
     device = resolve_device(config.device)
-    return load_model(config.checkpoint, device=device, dtype=resolve_dtype(config.dtype, device))
+    return load_ensemble(config.checkpoints, config.weights or None, device=device,
+                         dtype=resolve_dtype(config.dtype, device))
 
 
 class Service:
@@ -145,6 +184,8 @@ class Service:
         self._loaded = threading.Event()
         self._thread: threading.Thread | None = None
         self.on_load_error: Callable[[str], None] | None = None
+        self.context: ContextRunner | None = None
+        self._pooler: Pooler | None = None  # built by the first embedding request (haina.serve.embeddings)
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -169,6 +210,8 @@ class Service:
             served = {cfg.model_name: Served(cfg.model_name, -1, tokenizer)}
             if cfg.adapters:
                 served |= attach_adapters(model, tokenizer, cfg.adapters)
+            if cfg.context is not None:
+                self.context = ContextRunner(cfg.context(), cfg.max_queue)
 
             def make_engine() -> Engine:
                 return Engine(model, max_batch_size=cfg.max_batch_size, max_seq_len=cfg.max_model_len,
@@ -179,6 +222,8 @@ class Service:
             self.max_model_len = loop.engine.max_seq_len
             self.loop = loop
             adapters = f", adapters {', '.join(n for n, _ in cfg.adapters)}" if cfg.adapters else ""
+            if cfg.ensemble:
+                adapters = f", an ensemble of {len(cfg.checkpoints)} models"
             logger.info(f"serving {cfg.model_name} ({model.num_params() / 1e6:.1f}M parameters, context "
                         f"{self.max_model_len}, batch {cfg.max_batch_size}{adapters})")
         except Exception as e:  # noqa: BLE001 - reported by /health and the log, not lost
@@ -192,6 +237,8 @@ class Service:
     def close(self) -> None:
         if self.loop is not None:
             self.loop.close()
+        if self.context is not None:
+            self.context.close()
 
     # ------------------------------------------------------------------ checks shared by every endpoint
     def _require_ready(self) -> tuple[EngineLoop, Tokenizer]:
@@ -212,6 +259,8 @@ class Service:
     def models(self) -> dict[str, Any]:
         now, base = int(time.time()), self.config.model_name
         card = {"object": "model", "created": now, "owned_by": "haina", "max_model_len": self.max_model_len or None}
+        if self.context is not None:
+            card["haina_rag"] = self.context.describe()
         # An adapter names its base as `parent`, as vLLM lists LoRA adapters.
         return {"object": "list", "data": [{"id": base, **card}] + [{"id": name, **card, "parent": base}
                                                                    for name, _ in self.config.adapters]}
@@ -325,12 +374,18 @@ class Service:
         served = self.check_model(req.model)
         tok = served.tokenizer
         arrival = time.perf_counter()
-        ids = self._chat_ids(tok, req.messages, req.add_generation_prompt)
+        requested = req.max_completion_tokens or req.max_tokens
+        messages, sources = [m.template_dict() for m in req.messages], None
+        if req.haina_rag and self.context is None:
+            raise APIError(400, "haina_rag is true but this server has no knowledge base; start it with --rag NAME, "
+                           "or leave the field out", param="haina_rag")
+        if self.context is not None and req.haina_rag is not False:
+            messages, sources = await self._add_context(tok, messages, req.add_generation_prompt, requested)
+        ids = self._chat_ids(tok, messages, req.add_generation_prompt)
         if not ids:
             raise APIError(400, "the conversation renders to no tokens; give a message with some text",
                            param="messages")
         self._check_ids(ids, self.vocab_size)
-        requested = req.max_completion_tokens or req.max_tokens
         if requested is None:
             max_tokens = self.max_model_len - len(ids)
             if max_tokens < 1:
@@ -345,17 +400,36 @@ class Service:
         stops = _stops(list(dict.fromkeys(chat_stop_strings(tok) + req.stops)))
         seqs = [_Seq(i, loop.new_id(), 0, tok, stops, _stop_ids(tok, params), k is not None) for i in range(req.n)]
         run = _Run(self, loop, [(s, ids, _seeded(params, i)) for i, s in enumerate(seqs)], arrival, served.adapter)
-        fmt = ChatFormat(f"chatcmpl-{uuid.uuid4().hex}", served.name, tok)
+        fmt = ChatFormat(f"chatcmpl-{uuid.uuid4().hex}", served.name, tok, sources)
         if req.stream:
             return sse(fmt.stream(run, disconnected, _include_usage(req), len(ids)))
         async for _ in run.events(disconnected):
             pass
         return fmt.response(seqs, len(ids))
 
-    def _chat_ids(self, tok: Tokenizer, messages, add_generation_prompt: bool) -> list[int]:
+    async def _add_context(self, tok: Tokenizer, messages: Messages, add_generation_prompt: bool,
+                           requested: int | None) -> tuple[Messages, list[dict[str, Any]]]:
+        """The provider's messages and sources for a chat request (`haina.serve.context`)."""
+        room = requested or max(1, min(CONTEXT_ANSWER_ROOM, self.max_model_len // 4))
+
+        def fits(candidate: Messages) -> bool:
+            try:
+                return len(self._chat_ids(tok, candidate, add_generation_prompt)) + room <= self.max_model_len
+            except APIError:
+                return False
+
+        assert self.context is not None
+        try:
+            return await self.context.add(messages, fits)
+        except ContextBusy as e:
+            raise APIError(429, str(e)) from None
+        except HainaError as e:
+            raise APIError(503, f"adding context to the request failed: {e}") from None
+
+    def _chat_ids(self, tok: Tokenizer, messages: Messages, add_generation_prompt: bool) -> list[int]:
         """The prompt ids of a conversation: the template's markers are special tokens, what messages say is text."""
         try:
-            return encode_chat(tok, [m.template_dict() for m in messages], add_generation_prompt=add_generation_prompt)
+            return encode_chat(tok, messages, add_generation_prompt=add_generation_prompt)
         except HainaError as e:
             raise APIError(400, str(e), param="messages") from None
         except (TypeError, ValueError, LookupError, ArithmeticError) as e:
@@ -363,6 +437,13 @@ class Service:
             # alternating roles) and fail outside Jinja's own errors on others: these messages, not the server.
             raise APIError(400, f"the chat template cannot render these messages: {type(e).__name__}: {e}",
                            param="messages") from None
+
+    # ------------------------------------------------------------------ /v1/embeddings
+    async def embeddings(self, req: EmbeddingRequest) -> dict[str, Any]:
+        """OpenAI's embedding list: one unit vector per input, in input order (`haina.serve.embeddings`)."""
+        from haina.serve.embeddings import embed  # above this module: it answers with APIError
+
+        return await embed(self, req)
 
     # ------------------------------------------------------------------ tokenizer endpoints
     def tokenize(self, req: TokenizeRequest) -> dict[str, Any]:
@@ -374,7 +455,7 @@ class Service:
         if req.prompt is not None:
             ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
         else:
-            ids = self._chat_ids(tok, req.messages, req.add_generation_prompt)
+            ids = self._chat_ids(tok, [m.template_dict() for m in req.messages], req.add_generation_prompt)
             if req.add_special_tokens:
                 before, after = tok.post_processor_tokens()
                 ids = before + ids + after

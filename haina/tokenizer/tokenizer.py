@@ -202,10 +202,15 @@ def read_tokenizer_file(file: str | Path) -> HFTokenizer:
     except UnicodeDecodeError:
         raise HainaError(f"cannot read tokenizer {file}: not UTF-8 text (is it a tokenizer.json?)") from None
     try:
-        return HFTokenizer.from_str(text)
+        tok = HFTokenizer.from_str(text)
     except Exception as e:  # noqa: BLE001 — the Rust library raises plain Exceptions for bad files
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise HainaError(f"cannot read tokenizer {file}: not a tokenizers JSON file ({reason})") from None
+    # haina pads and truncates batches itself: a file's own settings (sentence-transformers pads every text to
+    # 128 [PAD]s) would otherwise come back as text.
+    tok.no_padding()
+    tok.no_truncation()
+    return tok
 
 
 def read_tokenizer_config(file: str | Path) -> dict:

@@ -2,6 +2,9 @@
 
 `run_pretrain` wires a `PretrainConfig` to token shards, a fresh Transformer and the one `Trainer`: next-token
 prediction (train.objective clm), or BERT's masked tokens for an encoder (mlm, `haina.train.mlm`).
+
+Under torchrun (or `--nproc N`, which starts torchrun) every rank runs this command; `haina.train.distributed`
+joins them into one job, data parallel as the `parallel:` section says.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from haina.core.seed import seed_everything
 from haina.data.shards import TokenShards, check_tokenizer, find_tokenizer, read_meta
 from haina.model.transformer import Transformer
 from haina.tokenizer import Tokenizer
+from haina.train import distributed
 from haina.train.config import Objective, PretrainConfig
 from haina.train.mlm import MLMMasking, MLMTrainer, with_mask_token
 from haina.train.trainer import Trainer
@@ -73,11 +77,12 @@ def load_pretrain_config(config: str, data: str | None = None, out: str | None =
     return cfg.resolved()
 
 
-def claim_run(cfg: PretrainConfig, *, overwrite: bool = False) -> Path:
+def claim_run(cfg: PretrainConfig, *, overwrite: bool = False, check_only: bool = False) -> Path:
     """Check `cfg.out` for this pretraining run and make it the run directory (`claim_run_dir`)."""
     inputs = [cfg.data.dir] + ([cfg.data.tokenizer] if cfg.data.tokenizer else [])
     return claim_run_dir(Path(cfg.out or "runs/pretrain"), COMMAND, inputs=inputs, resume=cfg.train.resume,
-                         overwrite=overwrite, resumable=RESUMABLE, extra={"data": str(cfg.data.dir)})
+                         overwrite=overwrite, resumable=RESUMABLE, extra={"data": str(cfg.data.dir)},
+                         check_only=check_only)
 
 
 def claim_run_dir(out: Path, command: str, *, inputs: list[str], resume: bool, overwrite: bool,
@@ -111,7 +116,8 @@ def claim_run_dir(out: Path, command: str, *, inputs: list[str], resume: bool, o
 
 
 def pretrain(config: str, data: str | None = None, out: str | None = None, resume: bool = False,
-             overwrite: bool = False, objective: Objective | None = None, overrides: list[str] = ()) -> None:
+             overwrite: bool = False, objective: Objective | None = None, nproc: int = 1,
+             overrides: list[str] = ()) -> int:
     """Pretrain a Transformer from a YAML recipe, with dotted overrides.
 
     Reads the recipe (model, data, train, out), applies --data, --out, --resume and any
@@ -120,6 +126,10 @@ def pretrain(config: str, data: str | None = None, out: str | None = None, resum
     (TensorBoard), checkpoints/ (with index.json naming the latest and the best), report.json and
     loss.png. SIGTERM or Ctrl-C stops at the next step with a checkpoint (exit status 0); --resume
     then continues exactly where it stopped.
+
+    Data parallel on one machine: --nproc N starts N processes under torchrun (DDP; --parallel.dp_shard N
+    shards the model with FSDP2). On several machines, start `torchrun … -m haina pretrain …` on each. The
+    global batch is processes × train.batch_size × train.grad_accum; only rank 0 writes.
 
     Args:
         config: recipe YAML file, or the name of a bundled recipe (shakespeare-char, gpt2-124m, quickstart,
@@ -130,9 +140,26 @@ def pretrain(config: str, data: str | None = None, out: str | None = None, resum
         overwrite: start over in an existing --out (a previous run, or any directory that is not an input).
         objective: clm (next token, a causal model) or mlm (BERT's masked tokens, an encoder: model.causal false);
             overrides train.objective.
+        nproc: processes on this machine, one per GPU (or sharing the CPU cores): launches torchrun.
     """
-    cfg = load_pretrain_config(config, data=data, out=out, resume=resume, overrides=overrides, objective=objective)
-    report = run_pretrain(cfg, claim=True, overwrite=overwrite)
+    if nproc < 1:
+        raise HainaError(f"--nproc must be at least 1, got {nproc}")
+    with distributed.same_on_every_rank():  # under torchrun, every rank reads the same recipe
+        cfg = load_pretrain_config(config, data=data, out=out, resume=resume, overrides=overrides,
+                                   objective=objective)
+    if nproc > 1:
+        if distributed.under_torchrun():
+            raise HainaError("--nproc starts torchrun itself; under torchrun leave it out (torchrun's "
+                             "--nproc-per-node sets the processes)")
+        cfg.parallel.degrees(nproc)  # a mesh that does not fit: one line before starting any process
+        argv = [config, *(["--data", data] if data else []), *(["--out", out] if out else []),
+                *(["--resume"] if resume else []), *(["--overwrite"] if overwrite else []),
+                *(["--objective", objective] if objective else []), *(f"--{o}" for o in overrides)]
+        return distributed.relaunch(nproc, ["pretrain", "--config", *argv])
+    with distributed.session(cfg.parallel, cfg.train.device) as dist:
+        report = run_pretrain(cfg, claim=True, overwrite=overwrite, dist=dist)
+    if dist is not None and not dist.is_main:
+        return 0
     val = report.get("val_loss")
     if val is None:
         val_text = ""
@@ -147,10 +174,11 @@ def pretrain(config: str, data: str | None = None, out: str | None = None, resum
         print(f"skipped {len(report['skipped_steps'])} steps with a non-finite loss or gradient, rolled back "
               f"{len(report['rollbacks'])} times (see report.json)")
     print(f"run: {cfg.out}   checkpoint: {report.get('best_checkpoint')}")
+    return 0
 
 
 def run_pretrain(cfg: PretrainConfig, tokenizer: Tokenizer | None = None, *, claim: bool = False,
-                 overwrite: bool = False) -> dict[str, Any]:
+                 overwrite: bool = False, dist: distributed.Distributed | None = None) -> dict[str, Any]:
     """Pretrain a fresh Transformer on the token shards named by `cfg`; returns the run report.
 
     Args:
@@ -159,9 +187,34 @@ def run_pretrain(cfg: PretrainConfig, tokenizer: Tokenizer | None = None, *, cla
         claim: check and claim `cfg.out` as `haina pretrain` does (`claim_run`), once the inputs are found
             sound; a caller that owns the directory already (the quickstart) leaves it False.
         overwrite: with `claim`, start over in an existing directory.
+        dist: this rank's place in a torchrun job (`haina.train.distributed.session`); None for one process.
     """
-    cfg = cfg.resolved()
+    with distributed.same_on_every_rank():  # every rank reads the same files: rank 0 alone reports a problem
+        cfg = cfg.resolved()
+        train, val, tokenizer = _open_data(cfg, tokenizer)
+        if claim:
+            claim_run(cfg, overwrite=overwrite, check_only=dist is not None)
+    if dist is not None:
+        if claim:
+            dist.barrier()  # every rank has checked --out before rank 0 claims it
+            if dist.is_main:
+                claim_run(cfg, overwrite=overwrite)
+            dist.barrier()
+        train = distributed.RankRows(train, dist.rank, dist.world_size)  # each rank its rows of the global batch
     out = Path(cfg.out or "runs/pretrain")
+    seed_everything(cfg.train.seed)  # before building the model: its initialization is part of the run
+    model = Transformer(cfg.model)
+    config = {**cfg.to_dict(), "out": str(out)}
+    common = {"train_data": train, "val_data": val, "tokenizer": tokenizer, "config": config, "dist": dist}
+    if cfg.train.objective == "mlm":
+        masking = MLMMasking.from_tokenizer(tokenizer, cfg.train.mask_prob)
+        return MLMTrainer(model, cfg.train, out, masking=masking, **common).fit()
+    return Trainer(model, cfg.train, out, **common).fit()
+
+
+def _open_data(cfg: PretrainConfig,
+               tokenizer: Tokenizer | None) -> tuple[TokenShards, TokenShards | None, Tokenizer | None]:
+    """The train and validation shards and the tokenizer, checked against each other and the model."""
     meta = read_meta(cfg.data.dir)
     if tokenizer is None:
         tokenizer = find_tokenizer(cfg.data.dir, cfg.data.tokenizer)
@@ -184,16 +237,7 @@ def run_pretrain(cfg: PretrainConfig, tokenizer: Tokenizer | None = None, *, cla
         val.check_length(block)
     else:
         info(f"{cfg.data.dir} has no validation split; training without evaluation")
-    if claim:
-        claim_run(cfg, overwrite=overwrite)
-    seed_everything(cfg.train.seed)  # before building the model: its initialization is part of the run
-    model = Transformer(cfg.model)
-    config = {**cfg.to_dict(), "out": str(out)}
-    common = {"train_data": train, "val_data": val, "tokenizer": tokenizer, "config": config}
-    if cfg.train.objective == "mlm":
-        masking = MLMMasking.from_tokenizer(tokenizer, cfg.train.mask_prob)
-        return MLMTrainer(model, cfg.train, out, masking=masking, **common).fit()
-    return Trainer(model, cfg.train, out, **common).fit()
+    return train, val, tokenizer
 
 
 __all__ = ["claim_run", "claim_run_dir", "find_recipe", "load_pretrain_config", "pretrain", "run_pretrain"]

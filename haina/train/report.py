@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import json
+import math
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from haina.core.io import atomic_path, write_text
 from haina.core.log import JsonlLogger, info
+from haina.train import checkpoint as ckpt
+from haina.train.flops import mfu
+
+if TYPE_CHECKING:
+    from haina.train.trainer import Trainer
+
+# What `RunLog`, `plot_losses` and the trainer's report write into a run directory (tb/ holds TensorBoard's events).
+OUTPUTS = ("metrics.jsonl", "report.json", "loss.png")
 
 
 class RunLog:
@@ -84,4 +95,67 @@ def plot_losses(history: list[dict[str, Any]], path: Path, title: str = "") -> N
     plt.close(fig)
 
 
-__all__ = ["RunLog", "plot_losses"]
+def clear_previous_run(run_dir: Path) -> None:
+    """Starting afresh: remove what an earlier run left in `run_dir`, by name, and nothing else.
+
+    The command that owns the run directory has checked and claimed it (`haina.core.output`); this only keeps
+    a previous run's checkpoints, metrics and plots (`OUTPUTS`, TensorBoard events) from passing for this run's.
+    """
+    removed = ckpt.remove_checkpoints(run_dir)
+    for name in OUTPUTS:
+        if (run_dir / name).is_file():
+            (run_dir / name).unlink()
+            removed.append(name)
+    tb = run_dir / "tb"
+    for events in tb.glob("events.out.tfevents.*") if tb.is_dir() else ():
+        events.unlink()
+        removed.append(f"tb/{events.name}")
+    if removed:
+        info(f"{run_dir} held a previous run; starting afresh (its {len(removed)} checkpoints and logs are removed)")
+
+
+@dataclass(frozen=True)
+class RunStart:
+    """Where this run (not the one it resumed) began, so that its report's throughput is its own."""
+
+    step: int
+    tokens: int
+    seconds: float
+    targets: int
+
+    @classmethod
+    def of(cls, trainer: Trainer) -> RunStart:
+        return cls(trainer.step, trainer.tokens_seen, trainer.train_seconds, trainer.targets_seen)
+
+
+def run_report(trainer: Trainer, *, final_val: float | None, stopped: str, wall_start: float, start: RunStart,
+               max_steps: int) -> dict[str, Any]:
+    """report.json of a finished `fit`: progress, losses, throughput and MFU, and where the checkpoints are."""
+    t = trainer
+    # This run's tokens over this run's time: train_seconds also holds a resumed run's earlier time.
+    tokens_this_run = t.tokens_seen - start.tokens
+    seconds_this_run = t.train_seconds - start.seconds
+    tps = tokens_this_run / seconds_this_run if seconds_this_run > 0 and tokens_this_run else 0.0
+    best = min(t.best_val_loss, final_val if final_val is not None else math.inf)
+    index = ckpt.read_index(t.run_dir) or {}
+    report = {
+        "steps": t.step, "train_tokens": t.tokens_seen, "supervised_tokens": t.targets_seen,
+        "supervised_tokens_per_sec": tps * (t.targets_seen - start.targets) / max(tokens_this_run, 1),
+        "val_loss": final_val, "val_ppl": None if final_val is None else math.exp(min(final_val, 50.0)),
+        "best_val_loss": None if math.isinf(best) else best, "initial_val_loss": t.initial_val_loss,
+        "tokens_per_sec": tps, "mfu": mfu(tps, t.flops_per_token, t.peak_flops) if tps else 0.0,
+        "wall_seconds": time.perf_counter() - wall_start, "train_seconds": t.train_seconds,
+        "params": t.model.num_params(), "vocab_size": t.model.cfg.vocab_size,
+        "stopped_because": stopped, "steps_this_run": t.step - start.step, "max_steps": max_steps,
+        "skipped_steps": t.guard.skipped, "rollbacks": t.guard.rollbacks, "device": str(t.device),
+        "precision": t.cfg.precision, "flops_per_token": t.flops_per_token,
+        "tokens_per_step": t.cfg.tokens_per_step * t.world_size, "run_dir": str(t.run_dir),
+        "checkpoint": str(ckpt.checkpoints_dir(t.run_dir) / index["latest"]) if index.get("latest") else None,
+        "best_checkpoint": str(ckpt.checkpoints_dir(t.run_dir) / index["best"]) if index.get("best") else None,
+    }
+    if t.dist is not None:
+        report["ranks"] = t.dist.describe()
+    return report
+
+
+__all__ = ["OUTPUTS", "RunLog", "RunStart", "clear_previous_run", "plot_losses", "run_report"]

@@ -21,10 +21,15 @@ at chosen steps (`self.step` is the number of steps completed) exercises the bad
 A step's loss is the mean over every target of its micro-batches, Σ mean_i·w_i / Σ w_i with w_i from
 `loss_weight`: with masked targets (SFT), averaging micro-batch means would weight a short answer's tokens
 more than a long one's, and the result would change with grad_accum.
+
+Under torchrun the same loop runs on every rank with a `haina.train.distributed.Distributed` (`dist`): the
+model trains through its DDP or FSDP2 form, gradients are reduced on a step's last micro-batch only, the
+step's loss is the mean over every rank's targets, and only rank 0 writes. `dist` None is one process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import time
@@ -34,26 +39,29 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
-from haina.core.config import load_yaml, to_dict
-from haina.core.device import autocast, peak_flops, resolve_device
+from haina.core.config import to_dict
+from haina.core.device import attention_kernel, autocast, peak_flops, resolve_device
 from haina.core.errors import HainaError
 from haina.core.io import write_json, write_yaml
 from haina.core.log import info, progress
 from haina.core.seed import seed_everything
 from haina.model.checkpoint import read_weights, save_model
+from haina.model.packed import pack_linears
 from haina.model.transformer import Transformer, lm_loss
 from haina.tokenizer import Tokenizer
 from haina.train import checkpoint as ckpt
 from haina.train.config import TrainConfig
+from haina.train.distributed import Distributed, GatheredModel, QuietLog
 from haina.train.flops import flops_per_token, matmul_params, mfu
 from haina.train.guard import StepGuard, StopSignals
 from haina.train.optim import build_adamw
-from haina.train.report import RunLog, plot_losses
+from haina.train.report import RunLog, RunStart, clear_previous_run, plot_losses, run_report
 from haina.train.schedule import LRSchedule
+from haina.train.state import capture_state, check_architecture, restore_state
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-STATE_FORMAT = "haina-trainer-state/1"
 
 
 def next_token_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -80,6 +88,7 @@ class Trainer:
         val_data: source of fixed validation windows; None disables evaluation.
         tokenizer: saved into every checkpoint.
         config: the full resolved config (all sections), written to RUN/config.yaml and beside each checkpoint.
+        dist: this rank's place in a torchrun job (`haina.train.distributed.setup`); None for one process.
     """
 
     # What `eval_and_log` returns, as the final line names it (a classifier selecting on macro-F1: "1 - macro_f1").
@@ -87,27 +96,41 @@ class Trainer:
 
     def __init__(self, model: Transformer, cfg: TrainConfig, run_dir: str | Path, *, train_data: BatchSource,
                  val_data: BatchSource | None = None, tokenizer: Tokenizer | None = None,
-                 config: dict[str, Any] | None = None):
+                 config: dict[str, Any] | None = None, dist: Distributed | None = None):
         if cfg.block_size is None:
             cfg = dataclasses.replace(cfg, block_size=model.cfg.block_size)
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.train_data, self.val_data, self.tokenizer = train_data, val_data, tokenizer
         self.config = config if config is not None else {"model": model.cfg.to_dict(), "train": to_dict(cfg)}
-        self.device = resolve_device(cfg.device)
-        if cfg.precision == "fp16" and self.device.type != "cuda":
-            raise HainaError("train.precision=fp16 needs CUDA (it relies on a grad scaler); use bf16 or fp32")
+        self.dist, self.is_main = dist, dist is None or dist.is_main
+        self.world_size = 1 if dist is None else dist.world_size
+        self.device = resolve_device(cfg.device) if dist is None else dist.device
+        if cfg.precision == "fp16" and (self.device.type != "cuda" or (dist is not None and dist.sharded)):
+            raise HainaError("train.precision=fp16 needs CUDA and no FSDP (it relies on a grad scaler); use bf16 "
+                             "or fp32")
         seed_everything(cfg.seed)
         # The data position is this generator's state; it lives on the CPU so runs resume bit-exactly anywhere.
         self.generator = torch.Generator().manual_seed(cfg.seed)
 
         self.model = model.to(self.device)
         self.model.gradient_checkpointing = cfg.activation_checkpointing
-        # Forward passes go through `self.forward_model` (compiled or not); saving uses `self.model`.
-        self.forward_model: nn.Module = torch.compile(self.model) if cfg.compile else self.model
+        if (cfg.packed_linears and self.device.type == "cpu" and cfg.precision == "fp32" and not cfg.compile
+                and (dist is None or not dist.sharded)):
+            pack_linears(self.model, train=True)  # applied from outside: the model's layers stay nn.Linear
+        # Parallelism is applied from outside: DDP wraps the model, FSDP2 shards it in place. Training runs through
+        # `self.wrapped`; saving reads `self.model` (gathered onto rank 0 when sharded).
+        self.wrapped: nn.Module = self.model if dist is None else dist.parallelize(self.model)
+        self._gathered: dict[str, torch.Tensor] | None = None  # a sharded model's whole weights while saving
+        # Forward passes go through `self.forward_model` (compiled or not).
+        if cfg.attention != "auto" and self.device.type != "cuda":
+            raise HainaError(f"train.attention={cfg.attention} selects a CUDA attention kernel; on "
+                             f"{self.device.type} leave it at auto")
+        self.forward_model: nn.Module = (torch.compile(self.wrapped, mode=cfg.compile_mode) if cfg.compile
+                                         else self.wrapped)
         # The pretraining loss is compiled together with the model: after a compiled model alone, lm_loss would
         # materialize the full-vocabulary logits in fp32 (B·T·V·4 bytes, and as much again for their gradient).
-        self._compiled_loss = torch.compile(next_token_loss) if cfg.compile else None
+        self._compiled_loss = torch.compile(next_token_loss, mode=cfg.compile_mode) if cfg.compile else None
         self.params = [p for _, p in self.trainable_parameters()]
         self.optimizer = self.build_optimizer()
         self.schedule = LRSchedule.from_config(cfg)
@@ -145,7 +168,7 @@ class Trainer:
         """Mean next-token cross-entropy of one micro-batch."""
         x, y = batch
         if self._compiled_loss is not None and model is self.forward_model:
-            return self._compiled_loss(self.model, x, y)
+            return self._compiled_loss(self.wrapped, x, y)
         return lm_loss(model(x), y)
 
     def loss_weight(self, batch: Batch) -> torch.Tensor:
@@ -182,17 +205,30 @@ class Trainer:
         batches = [self.next_batch() for _ in range(cfg.grad_accum)]
         weights = [torch.as_tensor(self.loss_weight(b), device=self.device, dtype=torch.float32) for b in batches]
         weight = torch.stack(weights).sum()
+        if self.dist is not None:
+            weight = self.dist.sum(weight)  # every rank's targets: the step's loss is the mean over all of them
         total = torch.zeros((), device=self.device)
-        for batch, w in zip(batches, weights):
-            with autocast(self.device, cfg.precision):
-                loss = self.compute_loss(self.forward_model, batch)
-            # mean_i · w_i / Σw: the summed gradients are those of the mean over all the step's targets.
-            scaled = loss * (w / weight.clamp(min=1))
-            total += scaled.detach()
-            (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+        for i, (batch, w) in enumerate(zip(batches, weights)):
+            # Accumulating, gradients are reduced over ranks once: with the step's last micro-batch.
+            sync = contextlib.nullcontext() if self.dist is None else self.dist.gradient_sync(
+                self.wrapped, i == len(batches) - 1)
+            with sync:
+                with autocast(self.device, cfg.precision), attention_kernel(cfg.attention):
+                    loss = self.compute_loss(self.forward_model, batch)
+                # mean_i · w_i / Σw: the summed gradients are those of the mean over all the step's targets.
+                scaled = loss * (w / weight.clamp(min=1))
+                total += scaled.detach()
+                if self.dist is not None:  # DDP and FSDP average the ranks' gradients; the mean needs their sum
+                    scaled = scaled * self.world_size
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
         if self.scaler:
             self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
         norm = self.clip_gradients()
+        tokens = sum(self.batch_tokens(b) for b in batches)
+        if self.dist is not None:  # one all-reduce for the log: the step's loss is every rank's share; tokens, too
+            shares = self.dist.sum(torch.stack([total.double(), torch.tensor(float(tokens), device=total.device,
+                                                                              dtype=torch.float64)]))
+            total, tokens = shares[0].to(total.dtype), shares[1]
         # The one host sync per step: whether to apply this update must be known before it is applied.
         loss_value, grad_norm, weight_value = torch.stack([total, norm.to(total), weight]).tolist()
         if weight_value == 0:
@@ -210,15 +246,18 @@ class Trainer:
         if self.scaler:
             self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss_value, "grad_norm": grad_norm, "verdict": verdict,
-                "tokens": sum(self.batch_tokens(b) for b in batches), "weight": int(weight_value)}
+        return {"loss": loss_value, "grad_norm": grad_norm, "verdict": verdict, "tokens": int(tokens),
+                "weight": int(weight_value)}
 
     def clip_gradients(self) -> torch.Tensor:
         """Clip the gradients to train.grad_clip (0: leave them); returns their global norm before clipping."""
         if self.cfg.grad_clip > 0:
-            return torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
-        grads = [p.grad for p in self.params if p.grad is not None]
-        return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
+        else:
+            grads = [p.grad for p in self.params if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
+        # FSDP2's gradients are DTensors, and so is their norm (already over all shards): the log needs a number.
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
     # ----------------------------------------------------------------- evaluation
     @torch.no_grad()
@@ -239,36 +278,10 @@ class Trainer:
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
         """Everything besides the weights needed to continue bit-exactly (plain types and tensors only)."""
-        state = {
-            "format": STATE_FORMAT, "step": self.step, "tokens_seen": self.tokens_seen,
-            "targets_seen": self.targets_seen,
-            "best_val_loss": self.best_val_loss, "bad_evals": self.bad_evals,
-            "initial_val_loss": self.initial_val_loss, "train_seconds": self.train_seconds,
-            "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
-            "rng": ckpt.capture_rng(), "data_generator": self.generator.get_state(),
-            "guard": self.guard.state_dict(), "settled_steps": self.settled_steps,
-        }
-        if self.scaler is not None:
-            state["scaler"] = self.scaler.state_dict()
-        return state
+        return capture_state(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("format") != STATE_FORMAT:
-            raise HainaError(f"trainer state has format {state.get('format')!r}, expected {STATE_FORMAT!r}")
-        self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
-        self.targets_seen = int(state.get("targets_seen", self.tokens_seen))  # older states: every token a target
-        self.best_val_loss, self.bad_evals = float(state["best_val_loss"]), int(state["bad_evals"])
-        self.initial_val_loss = state["initial_val_loss"]
-        self.train_seconds = float(state["train_seconds"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.schedule.load_state_dict(state["schedule"])
-        if self.scaler is not None and "scaler" in state:
-            self.scaler.load_state_dict(state["scaler"])
-        ckpt.restore_rng(state["rng"])
-        self.generator.set_state(state["data_generator"].cpu())
-        if "guard" in state:  # checkpoints written before the guard existed have none
-            self.guard.load_state_dict(state["guard"])
-        self.settled_steps = state.get("settled_steps")
+        restore_state(self, state)
 
     def resume(self) -> bool:
         """Load the run's latest checkpoint (weights and state); False if there is none."""
@@ -282,26 +295,23 @@ class Trainer:
         return True
 
     def _load_checkpoint(self, path: Path) -> None:
-        saved = load_yaml(path / "config.yaml").get("model", {})
-        current = self.model.cfg.to_dict()
-        # A field added to ModelConfig after the checkpoint was written (head_size, causal) means its default there.
-        defaults = {f.name: f.default for f in dataclasses.fields(type(self.model.cfg))}
-        diff = [f"{k}: {saved.get(k, defaults.get(k))!r} → {v!r}" for k, v in current.items()
-                if saved.get(k, defaults.get(k)) != v]
-        if diff:
-            raise HainaError(f"cannot resume: {path} was trained with another architecture ({'; '.join(diff[:3])}); "
-                             "use the run's model config or start a new run in another --out")
+        check_architecture(self.model.cfg, path)
         self.read_weights(path)
         self.load_state_dict(ckpt.load_state(path))
 
     def write_weights(self, directory: Path) -> None:
         """Write the model's part of a checkpoint (weights, config.yaml, tokenizer) into `directory`."""
-        save_model(directory, self.model, self.tokenizer,
+        model = self.model if self._gathered is None else GatheredModel(self.model.cfg, self._gathered)
+        save_model(directory, model, self.tokenizer,
                    extra_config={k: v for k, v in self.config.items() if k != "model"}, checksums=False)
 
     def read_weights(self, checkpoint: Path) -> None:
         """Load the model's part of a checkpoint that `write_weights` wrote."""
-        self.model.load_weights({k: v.to(self.device) for k, v in read_weights(checkpoint / "model.safetensors").items()})
+        weights = read_weights(checkpoint / "model.safetensors")
+        if self.dist is not None:
+            self.dist.load_full_weights(self.model, weights)  # sharded: each rank keeps its part
+            return
+        self.model.load_weights({k: v.to(self.device) for k, v in weights.items()})
 
     def roll_back(self, log: RunLog, say) -> None:
         """Back to the latest checkpoint after the guard's "rollback", past the data seen since it.
@@ -324,12 +334,25 @@ class Trainer:
             f"{record['skipped_data_steps']} steps of data since")
 
     def save(self, val_loss: float | None) -> Path:
-        """Write a checkpoint of this step; a failed write (a full disk) stops the run with one line."""
+        """Write a checkpoint of this step; a failed write (a full disk) stops the run with one line.
+
+        Distributed, every rank takes part (a sharded model's weights and optimizer state are gathered onto
+        rank 0), rank 0 alone writes, and the others wait for it: they may read the checkpoint next (a rollback).
+        """
         try:
-            path = ckpt.save_checkpoint(self.run_dir, step=self.step, write_weights=self.write_weights,
-                                        state=self.state_dict(), val_loss=val_loss, keep_last=self.cfg.keep_last)
+            state = self.state_dict()
+            if self.dist is not None and self.dist.sharded:
+                self._gathered = self.dist.full_weights(self.model)
+            try:
+                if self.is_main:
+                    ckpt.save_checkpoint(self.run_dir, step=self.step, write_weights=self.write_weights, state=state,
+                                         val_loss=val_loss, keep_last=self.cfg.keep_last)
+            finally:
+                self._gathered = None
+            if self.dist is not None:
+                self.dist.barrier()
             self.can_roll_back = True
-            return path
+            return ckpt.checkpoints_dir(self.run_dir) / ckpt.step_name(self.step)
         except OSError as e:
             latest = (ckpt.read_index(self.run_dir) or {}).get("latest")
             kept = f"{latest} is still the latest checkpoint, intact" if latest else "there is no earlier checkpoint"
@@ -348,16 +371,19 @@ class Trainer:
         wall_start = time.perf_counter()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         resumed = self.resume() if cfg.resume else False
-        if not resumed:
-            self._clear_previous_run()
-        write_yaml(self.run_dir / "config.yaml", self.config)
-        log = RunLog(self.run_dir, tensorboard=cfg.tensorboard, resume_step=self.step if resumed else None)
-        bar = progress(total=cfg.max_steps, initial=self.step, desc="train", unit="step")
+        if self.is_main:  # the only rank that writes: the others' log is quiet (`haina.train.distributed`)
+            if not resumed:
+                clear_previous_run(self.run_dir)
+            write_yaml(self.run_dir / "config.yaml", self.config)
+            log = RunLog(self.run_dir, tensorboard=cfg.tensorboard, resume_step=self.step if resumed else None)
+            bar = progress(total=cfg.max_steps, initial=self.step, desc="train", unit="step")
+        else:
+            log, bar = QuietLog(), tqdm(total=cfg.max_steps, initial=self.step, disable=True)
         say = bar.write if not bar.disable else info
-        start_step, start_tokens, start_seconds = self.step, self.tokens_seen, self.train_seconds
-        start_targets = self.targets_seen
-        info(f"training {self.model.num_params():,} parameters on {self.device} ({cfg.precision}): "
-             f"up to {cfg.tokens_per_step:,} tokens/step, steps {self.step} → {cfg.max_steps}")
+        start = RunStart.of(self)
+        where = f"{self.device}" if self.dist is None else self.dist.describe()
+        info(f"training {self.model.num_params():,} parameters on {where} ({cfg.precision}): "
+             f"up to {cfg.tokens_per_step * self.world_size:,} tokens/step, steps {self.step} → {cfg.max_steps}")
 
         last_eval: tuple[int, float | None] | None = None  # (step, val loss) of the latest evaluation
         last_save = -1
@@ -380,6 +406,7 @@ class Trainer:
         loop_start, loop_step = time.perf_counter(), self.step
         mark_time, mark_tokens = time.perf_counter(), self.tokens_seen
         loss_sum, loss_steps, skipped = 0.0, 0, 0
+        received: str | None = None  # the stop signal this run received (distributed: on any rank)
         try:
             with StopSignals() as stop:
                 while self.step < max_steps:
@@ -419,12 +446,17 @@ class Trainer:
                             stopped = "early_stopping"
                             say(f"early stopping: no improvement in {self.bad_evals} evaluations")
                             break
-                    if cfg.max_minutes is not None and time.perf_counter() - wall_start >= cfg.max_minutes * 60:
+                    over = cfg.max_minutes is not None and time.perf_counter() - wall_start >= cfg.max_minutes * 60
+                    received = stop.received
+                    if self.dist is not None:  # every rank leaves at the same step, or the others wait in vain
+                        over, anywhere = self.dist.any_rank(over, received is not None)
+                        received = received or ("SIGTERM" if anywhere else None)
+                    if over:
                         stopped = "max_minutes"
                         say(f"time budget of {cfg.max_minutes:g} minutes reached at step {self.step}")
                         break
-                    if stop.received:
-                        stopped = stop.received
+                    if received:
+                        stopped = received
                         break
                     # Not in the middle of a streak of bad steps: that checkpoint would become the rollback target.
                     if (cfg.save_every and self.step % cfg.save_every == 0 and self.step < max_steps
@@ -434,7 +466,7 @@ class Trainer:
                         last_save = self.step
                         mark_time = time.perf_counter()
                 self._pause(mark_time)
-                interrupted = stop.received is not None and stopped == stop.received  # not just after the last step
+                interrupted = received is not None and stopped == received  # not just after the last step
                 if interrupted:  # save at once: a scheduler that sent SIGTERM will not wait long
                     final_val = last_eval[1] if last_eval is not None and last_eval[0] == self.step else None
                 else:
@@ -442,13 +474,11 @@ class Trainer:
                 if last_save != self.step:
                     self.save(final_val)
                 if interrupted:
-                    say(f"{stop.received} received: stopped at step {self.step} with a checkpoint; "
-                        "continue with --resume")
+                    say(f"{received} received: stopped at step {self.step} with a checkpoint; continue with --resume")
         finally:
             bar.close()
             log.close()
-        return self._finish(log, final_val, stopped, wall_start, (start_step, start_tokens, start_seconds, start_targets),
-                            max_steps)
+        return self._finish(log, final_val, stopped, wall_start, start, max_steps)
 
     def _log_train(self, log: RunLog, bar, say, lr: float, out: dict[str, Any], loss_sum: float, loss_steps: int,
                    skipped: int, mark_time: float, mark_tokens: int, max_steps: int) -> None:
@@ -477,6 +507,8 @@ class Trainer:
         remaining = self.cfg.max_minutes * 60 - (now - wall_start) - eval_seconds  # the final evaluation
         per_step_total = per_step + (eval_seconds / self.cfg.eval_every if self.val_data is not None else 0.0)
         fit = self.step + max(0, int(0.97 * remaining / per_step_total))  # 3% slack for noise
+        if self.dist is not None:
+            fit = self.dist.from_main(fit)  # timed on each rank, but every rank must stop at the same step
         if fit < max_steps:
             max_steps = fit
             say(f"fit_to_budget: {per_step * 1000:.0f} ms/step, training to step {max_steps} within "
@@ -490,7 +522,7 @@ class Trainer:
             # On CPU the peak is measured with random matrices; forking keeps that from consuming the
             # global RNG, which dropout draws from (a resumed run would otherwise diverge).
             with torch.random.fork_rng(devices=[]):
-                self._peak = peak_flops(self.device, self.cfg.precision)
+                self._peak = peak_flops(self.device, self.cfg.precision) * self.world_size  # tokens/s are every rank's
         return self._peak
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
@@ -547,53 +579,18 @@ class Trainer:
         say(f"step {self.step}: val loss {val:.4f} (perplexity {math.exp(min(val, 50.0)):.2f})")
         return val
 
-    def _clear_previous_run(self) -> None:
-        """Starting afresh: remove what an earlier run left here, by name, and nothing else.
-
-        The command that owns the run directory has checked and claimed it (`haina.core.output`);
-        this only keeps a previous run's checkpoints, metrics and plots from passing for this run's.
-        """
-        removed = ckpt.remove_checkpoints(self.run_dir)
-        for name in ("metrics.jsonl", "report.json", "loss.png"):
-            if (self.run_dir / name).is_file():
-                (self.run_dir / name).unlink()
-                removed.append(name)
-        tb = self.run_dir / "tb"
-        for events in tb.glob("events.out.tfevents.*") if tb.is_dir() else ():
-            events.unlink()
-            removed.append(f"tb/{events.name}")
-        if removed:
-            info(f"{self.run_dir} held a previous run; starting afresh (its {len(removed)} checkpoints and logs "
-                 "are removed)")
-
-    def _finish(self, log: RunLog, final_val: float | None, stopped: str, wall_start: float,
-                start: tuple[int, int, float, int], max_steps: int) -> dict[str, Any]:
-        start_step, start_tokens, start_seconds, start_targets = start  # where this run (not a resumed one) began
-        # This run's tokens over this run's time: train_seconds also holds a resumed run's earlier time.
-        tokens_this_run = self.tokens_seen - start_tokens
-        seconds_this_run = self.train_seconds - start_seconds
-        tps = tokens_this_run / seconds_this_run if seconds_this_run > 0 and tokens_this_run else 0.0
-        best = min(self.best_val_loss, final_val if final_val is not None else math.inf)
-        index = ckpt.read_index(self.run_dir) or {}
-        report = {
-            "steps": self.step, "train_tokens": self.tokens_seen, "supervised_tokens": self.targets_seen,
-            "supervised_tokens_per_sec": tps * (self.targets_seen - start_targets) / max(tokens_this_run, 1),
-            "val_loss": final_val, "val_ppl": None if final_val is None else math.exp(min(final_val, 50.0)),
-            "best_val_loss": None if math.isinf(best) else best, "initial_val_loss": self.initial_val_loss,
-            "tokens_per_sec": tps, "mfu": mfu(tps, self.flops_per_token, self.peak_flops) if tps else 0.0,
-            "wall_seconds": time.perf_counter() - wall_start, "train_seconds": self.train_seconds,
-            "params": self.model.num_params(), "vocab_size": self.model.cfg.vocab_size,
-            "stopped_because": stopped, "steps_this_run": self.step - start_step, "max_steps": max_steps,
-            "skipped_steps": self.guard.skipped, "rollbacks": self.guard.rollbacks, "device": str(self.device),
-            "precision": self.cfg.precision, "flops_per_token": self.flops_per_token,
-            "tokens_per_step": self.cfg.tokens_per_step, "run_dir": str(self.run_dir),
-            "checkpoint": str(ckpt.checkpoints_dir(self.run_dir) / index["latest"]) if index.get("latest") else None,
-            "best_checkpoint": str(ckpt.checkpoints_dir(self.run_dir) / index["best"]) if index.get("best") else None,
-        }
-        write_json(self.run_dir / "report.json", report)
-        plot_losses(log.history, self.run_dir / "loss.png", title=f"{self.model.num_params() / 1e6:.2f}M parameters")
+    def _finish(self, log: RunLog, final_val: float | None, stopped: str, wall_start: float, start: RunStart,
+                max_steps: int) -> dict[str, Any]:
+        """Write report.json (`haina.train.report.run_report`) and the loss curve; return the report."""
+        report = run_report(self, final_val=final_val, stopped=stopped, wall_start=wall_start, start=start,
+                            max_steps=max_steps)
+        if self.is_main:
+            write_json(self.run_dir / "report.json", report)
+            plot_losses(log.history, self.run_dir / "loss.png",
+                        title=f"{self.model.num_params() / 1e6:.2f}M parameters")
         val_text = f", {self.selection_label} {final_val:.4f}" if final_val is not None else ""
-        info(f"done: {self.step} steps ({stopped}){val_text}, {tps:,.0f} tok/s; report {self.run_dir / 'report.json'}")
+        info(f"done: {self.step} steps ({stopped}){val_text}, {report['tokens_per_sec']:,.0f} tok/s; report "
+             f"{self.run_dir / 'report.json'}")
         return report
 
 

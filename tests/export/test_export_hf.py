@@ -59,8 +59,8 @@ def test_gpt2_layout_refuses_grouped_kv_heads():
 
 
 def test_import_refuses_unknown_model_types_and_options():
-    with pytest.raises(HainaError, match="supported: llama, mistral, gpt2"):
-        from_hf_config({"model_type": "bert"})
+    with pytest.raises(HainaError, match="supported: llama, mistral, gpt2, bert"):
+        from_hf_config({"model_type": "t5"})
     base = {"model_type": "llama", "vocab_size": 10, "hidden_size": 16, "num_attention_heads": 2,
             "num_hidden_layers": 1, "intermediate_size": 32}
     with pytest.raises(HainaError, match="rope scaling 'llama3'"):

@@ -61,9 +61,9 @@ def test_cli_errors_are_one_line(tmp_path):
     assert r.stderr.strip().splitlines()[-1].startswith("error: no Hugging Face equivalent for pos=sinusoidal")
     assert "Traceback" not in r.stderr and not (tmp_path / "hf").exists()
 
-    (tmp_path / "bert").mkdir()
-    (tmp_path / "bert" / "config.json").write_text('{"model_type": "bert"}')
-    r = _haina("import", "hf", "--path", str(tmp_path / "bert"), "--out", str(tmp_path / "out"))
+    (tmp_path / "t5").mkdir()
+    (tmp_path / "t5" / "config.json").write_text('{"model_type": "t5"}')
+    r = _haina("import", "hf", "--path", str(tmp_path / "t5"), "--out", str(tmp_path / "out"))
     assert r.returncode == 2
-    assert "error: cannot import model_type 'bert'; supported: llama, mistral, gpt2" in r.stderr
+    assert "error: cannot import model_type 't5'; supported: llama, mistral, gpt2, bert" in r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()

@@ -255,3 +255,25 @@ def test_a_stopped_fold_stops_the_folds_and_resume_continues(files, tmp_path, mo
     capsys.readouterr()
     assert main(_args(files, out, "--folds", "3", "--resume", "--train.seed=7", *test)) == 2  # other folds
     assert "its folds differ" in capsys.readouterr().err
+
+
+def test_tune_over_k_fold_trials(files, tmp_path):
+    """`haina tune --command "finetune classify" --folds 2`: each trial a k-fold run, valued by its folds' mean."""
+    pytest.importorskip("optuna")
+    import csv
+
+    space = tmp_path / "space.yaml"
+    space.write_text("train.warmup_steps: [1, 2]\n")
+    out = tmp_path / "tune"
+    args = _args(files, out, "--folds=2")[2:]  # the classify flags without "finetune classify"
+    flags = [a for a in args if a not in ("--out", str(out), "--train.warmup_steps=1")]
+    assert main(["tune", "--command", "finetune classify", "--space", str(space), "--trials", "2", "--out",
+                 str(out), "--objective", "macro_f1", "--sampler", "grid", *flags]) == 0
+    with open(out / "trials.csv", encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["state"] for r in rows] == ["complete", "complete"]
+    for r in rows:
+        run = out / "trials" / f"trial-{int(r['number']):04d}"
+        report = json.loads((run / "report.json").read_text())
+        assert report["folds"] == 2 and (run / "fold-2" / "report.json").is_file()
+        assert float(r["value"]) == pytest.approx(report["metrics"]["macro_f1"]["mean"])

@@ -19,6 +19,7 @@ from haina.model.classifier import (
     save_classifier,
 )
 from haina.model.lora import LoRAConfig, apply_lora, base_weights_hash
+from haina.model.packed import unpack_linears
 from haina.tokenizer.train import train_bpe
 
 TEXTS = ["a good film", "bad", "", "the cat sat on the mat and the dog ran " * 3, "good good bad", "x"]
@@ -90,6 +91,10 @@ def test_save_load_round_trip_gives_identical_probabilities(tok, tmp_path):
     assert CLASSIFIER_WEIGHTS in files and CLASSIFIER_CONFIG in files and "model.safetensors" in files
     loaded, tok2 = load_classifier(tmp_path / "clf")
     assert loaded.cfg == model.cfg and tok2 is not None and not loaded.training
+    # Loaded for inference, its Linear products go through packed weights (haina.model.packed): equal within
+    # float rounding; with the plain products again, bit for bit.
+    np.testing.assert_allclose(loaded.predict_proba(TEXTS), model.predict_proba(TEXTS), rtol=1e-5, atol=1e-6)
+    unpack_linears(loaded)
     np.testing.assert_array_equal(loaded.predict_proba(TEXTS), model.predict_proba(TEXTS))
 
 

@@ -68,3 +68,12 @@ def test_compiled_loss_equals_eager_loss_and_gradients(tmp_path):
     assert out["verdict"] == "ok" and out["loss"] == pytest.approx(ref.item(), rel=0.2)
     val = trainer.evaluate()
     assert calls == [1, 1, 1] and val is not None and 0 < val < 10
+
+
+def test_attention_kernel_choice_is_for_cuda_only(tmp_path):
+    from haina.core.errors import HainaError
+
+    model = Transformer(ModelConfig.from_name("tiny", vocab_size=VOCAB, block_size=T, n_layer=1, n_embd=32))
+    cfg = TrainConfig(batch_size=2, block_size=T, device="cpu", tensorboard=False, attention="cudnn")
+    with pytest.raises(HainaError, match="train.attention=cudnn selects a CUDA attention kernel"):
+        Trainer(model, cfg, tmp_path, train_data=RandomWindows())

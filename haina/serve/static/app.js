@@ -1,6 +1,7 @@
 // haina playground: streams a chat from /v1/chat/completions (OpenAI server-sent events) with fetch.
 // Plain browser JavaScript, no dependencies and no build step. Model text is only ever set through
-// textContent, never innerHTML, so whatever the model writes stays text.
+// textContent, never innerHTML, so whatever the model writes stays text; so are retrieved sources.
+// With a server started with --rag, a toggle sends haina_rag and a panel lists the last answer's sources.
 "use strict";
 
 (() => {
@@ -10,12 +11,15 @@
     temperatureValue: $("temperature-value"), topP: $("top-p"), topPValue: $("top-p-value"),
     maxTokens: $("max-tokens"), clear: $("clear"), stats: $("stats"), messages: $("messages"),
     composer: $("composer"), prompt: $("prompt"), send: $("send"), stop: $("stop"),
+    ragToggle: $("rag-toggle"), useRag: $("use-rag"), ragName: $("rag-name"), sourcesPanel: $("sources-panel"),
+    sourcesNote: $("sources-note"), sources: $("sources"),
   };
   const KEY_STORAGE = "haina.playground.apiKey";
 
   let history = [];        // the conversation sent with each request: [{role, content}], system prompt excluded
   let controller = null;   // AbortController of the request in flight; null when idle
   let epoch = 0;           // bumped by "clear", so that an answer still finishing does not land in the new chat
+  let rag = null;          // the server's knowledge base (/v1/models' haina_rag), or null without --rag
 
   // ------------------------------------------------------------------ server-sent events
   // Splits a text stream into SSE events and hands each event's data to onData. Network reads end
@@ -131,6 +135,44 @@
     ui.stop.disabled = !busy;
   }
 
+  // ------------------------------------------------------------------ sources
+  function showSources(sources, note) {
+    ui.sources.replaceChildren();
+    ui.sourcesNote.textContent = note;
+    for (const s of sources || []) {
+      const li = document.createElement("li");
+      li.className = "source";
+      li.title = String(s.text ?? "");  // the whole passage on hover
+      const head = document.createElement("div");
+      head.className = "head";
+      const n = document.createElement("span");
+      n.className = "n";
+      n.textContent = `[${s.n}]`;
+      const path = document.createElement("span");
+      path.className = "path";
+      path.textContent = String(s.source ?? s.id ?? "");
+      const score = document.createElement("span");
+      score.className = "score";
+      score.textContent = typeof s.score === "number" ? s.score.toPrecision(3) : "";
+      head.append(n, path, score);
+      const details = document.createElement("details");
+      const summary = document.createElement("summary");
+      summary.textContent = li.title.slice(0, 80);
+      const text = document.createElement("p");
+      text.className = "text";
+      text.textContent = li.title;
+      details.append(summary, text);
+      li.append(head, details);
+      ui.sources.append(li);
+    }
+  }
+
+  function setRag(info) {
+    rag = info && typeof info === "object" ? info : null;
+    ui.ragToggle.hidden = ui.sourcesPanel.hidden = !rag;
+    ui.ragName.textContent = rag && rag.collection ? `(${rag.collection})` : "";
+  }
+
   // ------------------------------------------------------------------ models
   async function loadModels() {
     ui.model.replaceChildren();
@@ -139,6 +181,7 @@
       if (!response.ok) throw await responseError(response);
       const models = (await response.json()).data || [];
       for (const m of models) ui.model.append(new Option(m.id, m.id));
+      setRag(models.length ? models[0].haina_rag : null);  // haina's extension: present with --rag
       const limit = models.length ? models[0].max_model_len : undefined;  // a vLLM extension; fine when absent
       if (Number.isInteger(limit)) ui.maxTokens.max = String(limit);
       if (!models.length) ui.stats.textContent = "the server lists no models";
@@ -163,6 +206,7 @@
     const maxTokens = parseInt(ui.maxTokens.value, 10);
     if (Number.isFinite(maxTokens)) body.max_tokens = maxTokens;  // empty: the server's default
     if (ui.model.value) body.model = ui.model.value;
+    if (rag) body.haina_rag = ui.useRag.checked;
     return body;
   }
 
@@ -206,6 +250,8 @@
     const started = epoch;
     const t0 = performance.now();
     let tFirst = null, deltas = 0, usage = null, finish = null, answer = "", stopped = false, error = null;
+    let sourced = false;  // the answer came with sources (the first chunk carries them)
+    if (rag) showSources([], body.haina_rag ? "searching the knowledge base…" : "knowledge base off for this answer");
     try {
       const response = await fetch("/v1/chat/completions", {
         method: "POST", headers: headers(), body: JSON.stringify(body), signal: controller.signal,
@@ -220,6 +266,12 @@
         try { chunk = JSON.parse(data); } catch (_) { throw new ApiError(`malformed event from the server: ${data.slice(0, 200)}`); }
         if (chunk.error) throw new ApiError(describe(chunk.error));
         if (chunk.usage) usage = chunk.usage;
+        if (Array.isArray(chunk.sources) && started === epoch) {
+          sourced = true;
+          const n = chunk.sources.length;
+          showSources(chunk.sources, n ? `${n} source${n > 1 ? "s" : ""} for the last answer` :
+            "nothing in the knowledge base matched; the model was told so");
+        }
         for (const choice of chunk.choices || []) {
           const piece = choice.delta && choice.delta.content;
           if (piece) {
@@ -248,6 +300,7 @@
       controller = null;
       setBusy(false);
       bubble.classList.remove("streaming");
+      if (rag && !sourced && started === epoch && body.haina_rag) showSources([], "no sources came with this answer");
       if (started === epoch) {  // else "clear" was pressed meanwhile: the conversation this answer belonged to is gone
         if (answer || !error) {
           history.push({ role: "assistant", content: answer });
@@ -280,6 +333,7 @@
     history = [];
     ui.messages.replaceChildren();
     ui.stats.textContent = "";
+    showSources([], "the sources of the last answer appear here");
     ui.prompt.focus();
   });
   const mirror = (input, output) => {
