@@ -22,8 +22,9 @@ round; the ratio is taken within each round. Peak memory of a side is the most t
 its rounds less what the other sides hold between steps (parameters, gradients and optimizer state).
 --loss-outside-too adds haina with its loss computed after the compiled model, as before it was compiled
 with it (the fp32 full-vocabulary logits outside the graph), to measure that change in the same run.
---haina-variants adds haina sides with other train settings (string-valued ones: `attention=cudnn`,
-`compile_mode=max-autotune-no-cudagraphs`), to measure a lever against the same peer in the same run.
+--haina-variants adds haina sides with other train settings (`attention=cudnn`,
+`compile_mode=max-autotune-no-cudagraphs`, `packed_linears=false`), to measure a lever against the same peer in the
+same run.
 
     .venv/bin/python benchmarks/train_throughput.py                      # tiny and small, auto device
     .venv/bin/python benchmarks/train_throughput.py --presets gpt2-124m --precision bf16 --compile \
@@ -119,6 +120,21 @@ def held_bytes(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> int
     tensors += [t for state in optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
     return sum(storages.values())
+
+
+def typed_settings(settings: dict[str, str]) -> dict[str, object]:
+    """--haina-variants values converted to TrainConfig's field types (packed_linears=false is False)."""
+    import dataclasses
+    import typing
+
+    from haina.core.config import coerce
+
+    hints = typing.get_type_hints(TrainConfig)
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(settings) - names)
+    if unknown:
+        raise SystemExit(f"--haina-variants: unknown train settings {', '.join(unknown)}")
+    return {k: coerce(v, hints[k], f"train.{k}") for k, v in settings.items()}
 
 
 class HainaSide:
@@ -228,7 +244,7 @@ def compare_nanogpt(args: argparse.Namespace) -> None:
         if args.loss_outside_too and args.compile:
             sides.append(HainaSide(cfg, args, os.path.join(tmp, "outside"), loss_in_graph=False))
         for v, spec in enumerate(args.haina_variants or []):
-            variant = dict(item.split("=", 1) for item in spec.split(","))
+            variant = typed_settings(dict(item.split("=", 1) for item in spec.split(",")))
             sides.append(HainaSide(cfg, args, os.path.join(tmp, f"variant{v}"), variant=variant))
         flops_per_token = sides[0].trainer.flops_per_token
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

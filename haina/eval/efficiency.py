@@ -254,16 +254,19 @@ def _check_options(prompt_tokens: int, new_tokens: int, batch_sizes: list[int], 
         raise HainaError(f"--warmup must be 0 or more, got {warmup}")
 
 
-def eval_efficiency_command(checkpoint: str, out: str, adapter: str | None = None, prompt_tokens: int = 128,
+def eval_efficiency_command(checkpoint: list[str], out: str, adapter: str | None = None,
+                            weights: list[float] | None = None, prompt_tokens: int = 128,
                             new_tokens: int = 64, batch_sizes: list[int] | None = None, repeats: int = 5,
                             warmup: int = 1, device: str = "auto", dtype: DType = "float32",
                             overwrite: bool = False) -> None:
     """Parameters, size on disk, peak memory, prefill latency and decode tokens/s on this device.
 
     Args:
-        checkpoint: a checkpoint or run directory (a LoRA run counts its base too).
+        checkpoint: a checkpoint or run directory (a LoRA run counts its base too); several are measured as one
+            ensemble (every member runs at every step, and the sizes add up).
         out: the report directory (report.json, report.md, decode_tok_s.png).
-        adapter: LoRA adapters to apply on top of the checkpoint.
+        adapter: LoRA adapters to apply on top of the checkpoint (one checkpoint only).
+        weights: an ensemble's weights, one per --checkpoint (they do not change its cost).
         prompt_tokens: tokens in each (random, seeded) prompt.
         new_tokens: tokens generated per sequence (greedy, end-of-text ignored); the first comes with the prefill.
         batch_sizes: sequences decoded together, one measurement each (default 1 and 8).
@@ -279,19 +282,22 @@ def eval_efficiency_command(checkpoint: str, out: str, adapter: str | None = Non
 
     batches = sorted(set(batch_sizes or [1, 8]))
     _check_options(prompt_tokens, new_tokens, batches, repeats, warmup)
-    check_output(out, f"eval {KIND}", inputs=[checkpoint, adapter], overwrite=overwrite)
+    from haina.generate.ensemble import as_checkpoints
+
+    paths = as_checkpoints(checkpoint)
+    check_output(out, f"eval {KIND}", inputs=[*paths, adapter], overwrite=overwrite)
 
     from haina.core.device import resolve_device
 
     memory = PeakMemory(resolve_device(device))
     memory.reset()
-    model, _, dev = load_for_eval(checkpoint, adapter, device, dtype, need_tokenizer=False)
+    model, _, dev = load_for_eval(paths, adapter, device, dtype, need_tokenizer=False, weights=weights)
     load_peak = memory.peak_mib()
     context = prompt_tokens + new_tokens
     if context > model.cfg.block_size:
         raise HainaError(f"--prompt-tokens {prompt_tokens} + --new-tokens {new_tokens} = {context} exceeds the "
                          f"model's context of {model.cfg.block_size}; lower them")
-    files = weight_files(checkpoint, adapter)
+    files = [f for p in paths for f in weight_files(p, adapter)]
     sizes = {str(f): f.stat().st_size for f in files}
 
     rows = []
@@ -332,9 +338,10 @@ def eval_efficiency_command(checkpoint: str, out: str, adapter: str | None = Non
              f"{repeats} timed runs after {warmup} warm-up per batch size. Sizes and memory in MiB; "
              f"memory: {memory.basis}.")
     sections = [("Setup", setup), ("Per batch size", table)]
-    with eval_output(out, KIND, inputs=[checkpoint, adapter], overwrite=overwrite) as tmp:
+    with eval_output(out, KIND, inputs=[*paths, adapter], overwrite=overwrite) as tmp:
         plot_decode(rows, tmp / "decode_tok_s.png", f"decode throughput, {env['device_name']}")
         obj = write_report(tmp, Report(kind=KIND, metrics=metrics, details=details, sections=sections,
-                                       images=["decode_tok_s.png"], checkpoint=checkpoint, adapter=adapter))
+                                       images=["decode_tok_s.png"], checkpoint=" + ".join(paths),
+                                       adapter=adapter))
     print_summary(obj, ["params", "size_mb", "peak_memory_mb", "prefill_ms_p50",
                         *(f"decode_tok_s_b{b}_p50" for b in batches)], out)

@@ -271,8 +271,8 @@ def _validate(metrics, n, max_new_tokens, temperature, top_p, seed, batch_size, 
     return names, params
 
 
-def eval_generate_command(checkpoint: str, data: str, out: str, adapter: str | None = None,
-                          metrics: list[str] | None = None, n: int = 1, max_new_tokens: int = 128,
+def eval_generate_command(checkpoint: list[str], data: str, out: str, adapter: str | None = None,
+                          weights: list[float] | None = None, metrics: list[str] | None = None, n: int = 1, max_new_tokens: int = 128,
                           temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, chat: bool = False,
                           batch_size: int = 16, limit: int | None = None, noise: list[str] | None = None,
                           rates: list[float] | None = None, group_field: str | None = None, device: str = "auto",
@@ -284,11 +284,13 @@ def eval_generate_command(checkpoint: str, data: str, out: str, adapter: str | N
     match (after stripping and collapsing whitespace) are means over examples in [0, 1].
 
     Args:
-        checkpoint: checkpoint or training run directory (with a tokenizer).
+        checkpoint: checkpoint or training run directory (with a tokenizer); several generate as one ensemble
+            (`haina generate`'s: their next-token probabilities mixed at every step).
         data: JSONL, one object per line: 'prompt' (or chat 'messages'), 'reference' (a string) or 'references'
             (a list), and optionally 'id', 'stop' (strings that end the generation) and a group field.
         out: the report directory.
-        adapter: a LoRA run or checkpoint directory trained on --checkpoint, applied on top.
+        adapter: a LoRA run or checkpoint directory trained on --checkpoint, applied on top (one checkpoint only).
+        weights: an ensemble's weights, one per --checkpoint (e.g. 0.6,0.4; default: equal).
         metrics: which scores: bleu, chrf, rouge, exact_match (default: all).
         n: generations per prompt; scores are averaged over them, and best-of-n is reported too.
         max_new_tokens: the most tokens generated per prompt.
@@ -319,8 +321,11 @@ def eval_generate_command(checkpoint: str, data: str, out: str, adapter: str | N
     groups = group_values([r.raw for r in records], group_field, str(data)) if group_field is not None else None
     scores = score_names(names)
 
-    with eval_output(out, "generate", inputs=[checkpoint, adapter, data], overwrite=overwrite) as tmp:
-        model, tokenizer, _ = load_for_eval(checkpoint, adapter, device, dtype)
+    from haina.generate.ensemble import as_checkpoints
+
+    paths = as_checkpoints(checkpoint)
+    with eval_output(out, "generate", inputs=[*paths, adapter, data], overwrite=overwrite) as tmp:
+        model, tokenizer, _ = load_for_eval(paths, adapter, device, dtype, weights=weights)
         gen = TextGenerator(Engine(model, max_batch_size=batch_size, eos_token_id=tokenizer.eos_id), tokenizer)
         refs = [r.references for r in records]
 
@@ -375,6 +380,7 @@ def eval_generate_command(checkpoint: str, data: str, out: str, adapter: str | N
             images.append(NOISE_PNG)
 
         obj = write_report(tmp, Report(kind="generate", metrics=report_metrics, details=details, sections=sections,
-                                       images=images, checkpoint=checkpoint, adapter=adapter, data=[data]))
+                                       images=images, checkpoint=" + ".join(paths), adapter=adapter,
+                                       data=[data]))
     print_summary(obj, [*scores, "examples"], out)
     return 0

@@ -73,8 +73,8 @@ class TrainConfig:
     # The SDPA kernel for training on CUDA (auto: PyTorch's choice; cudnn: cuDNN's fused attention on Hopper).
     attention: Literal["auto", "flash", "cudnn", "efficient", "math"] = "auto"
     activation_checkpointing: bool = False
-    # fp32 training on a CPU: Linear products (forward and input gradient) on oneDNN with the weight packed at each
-    # call (haina.model.packed); 1.3-1.7x faster steps measured on 2 cores. Off: plain F.linear everywhere.
+    # fp32 training on a CPU: Linear products of at least 1,024 rows (forward and input gradient) on oneDNN with the
+    # weight packed at each call (haina.model.packed): 1.33x the step rate of a 10M model at 8 x 256 on 2 cores.
     packed_linears: bool = True
     seed: int = 1337
     # evaluation, logging, checkpoints

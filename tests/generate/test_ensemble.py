@@ -213,6 +213,23 @@ def test_eval_lm_of_two_seeds_beats_each_member(ckpts, held_out, tmp_path):
     assert "## Ensemble" in (tmp_path / "ens" / "report.md").read_text()
 
 
+def test_eval_generate_and_efficiency_take_an_ensemble(ckpts, tmp_path):
+    refs = tmp_path / "refs.jsonl"
+    refs.write_text("".join(json.dumps({"prompt": p, "reference": p}) + "\n" for p in ("the ", "a ")))
+    pair = ["--checkpoint", str(ckpts["a"]), str(ckpts["b"]), "--weights", "0.6,0.4"]
+    assert main(["eval", "generate", *pair, "--data", str(refs), "--out", str(tmp_path / "gen"),
+                 "--max-new-tokens", "4", "--device", "cpu"]) == 0
+    report = json.loads((tmp_path / "gen" / "report.json").read_text())
+    assert report["checkpoint"] == f"{ckpts['a']} + {ckpts['b']}" and report["examples"] == 2
+    # The generations are the ensemble's own greedy ones.
+    rows = [json.loads(line) for line in (tmp_path / "gen" / "outputs.jsonl").read_text().splitlines()]
+    assert rows[0]["generations"] == [_greedy_text(ckpts, [0.6, 0.4], "the ", 4)]
+    assert main(["eval", "efficiency", *pair, "--out", str(tmp_path / "eff"), "--prompt-tokens", "4",
+                 "--new-tokens", "2", "--repeats", "1", "--batch-sizes", "1", "--device", "cpu"]) == 0
+    eff = json.loads((tmp_path / "eff" / "report.json").read_text())
+    assert eff["checkpoint"] == f"{ckpts['a']} + {ckpts['b']}"
+
+
 def _greedy_text(ckpts, weights, prompt: str, n: int) -> str:
     model, tok = load_ensemble([str(ckpts["a"]), str(ckpts["b"])], weights)
     (res,), = TextGenerator(Engine(model, eos_token_id=tok.eos_id), tok).generate(

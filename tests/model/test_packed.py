@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from haina.model import ModelConfig, Transformer
+from haina.model import ModelConfig, Transformer, packed
 from haina.model.packed import MIN_ROWS, pack_linears, unpack_linears
 
 pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
@@ -106,7 +106,8 @@ def test_packed_linears_block_packs_for_its_duration_only():
 
 
 @pytest.mark.parametrize("bias, frozen", [(True, False), (False, False), (True, True)])
-def test_training_products_give_the_plain_gradients(bias, frozen):
+def test_training_products_give_the_plain_gradients(bias, frozen, monkeypatch):
+    monkeypatch.setattr(packed, "TRAIN_MIN_ROWS", 16)  # these small products take the training path too
     torch.manual_seed(0)
     layer = torch.nn.Linear(48, 80, bias=bias)
     twin = copy.deepcopy(layer)
@@ -126,7 +127,8 @@ def test_training_products_give_the_plain_gradients(bias, frozen):
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-4)
 
 
-def test_a_model_trains_the_same_packed_or_plain():
+def test_a_model_trains_the_same_packed_or_plain(monkeypatch):
+    monkeypatch.setattr(packed, "TRAIN_MIN_ROWS", 16)
     model, twin = _model(), _model()
     pack_linears(model, train=True)
     opts = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (model, twin)]
@@ -142,7 +144,8 @@ def test_a_model_trains_the_same_packed_or_plain():
         torch.testing.assert_close(p, q, rtol=1e-3, atol=1e-4)
 
 
-def test_a_model_packed_for_training_evaluates_with_its_current_weights():
+def test_a_model_packed_for_training_evaluates_with_its_current_weights(monkeypatch):
+    monkeypatch.setattr(packed, "TRAIN_MIN_ROWS", 16)
     # A fused AdamW step updates the weights without bumping their version counters: an evaluation between
     # steps must still see the new weights.
     model = _model()
@@ -161,3 +164,11 @@ def test_a_model_packed_for_training_evaluates_with_its_current_weights():
             want = model(idx)
             pack_linears(model, train=True)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_short_training_batches_stay_plain():
+    # Below TRAIN_MIN_ROWS rows a training product is plain: packing at each call did not pay off there.
+    layer = torch.nn.Linear(48, 80)
+    pack_linears(layer, train=True)
+    layer(torch.randn(4, 20, 48, requires_grad=True)).sum().backward()
+    assert layer._haina_pack.stamp is None  # never packed
