@@ -1,9 +1,9 @@
 """OpenAI response bodies and stream chunks for completions and chat, built from finished or streaming sequences,
 and the embeddings list.
 
-A sequence here is anything with the attributes of `service._Seq` (index, text, num_tokens,
+A sequence here is anything with the attributes of `sequences.Seq` (index, text, num_tokens,
 logprobs, prompt_logprobs, finish_reason, want_logprobs, echo_text, prompt_index); a run is a
-`service._Run`, whose `events()` yields (sequence, new text, new logprobs).
+`sequences.Run`, whose `events()` yields (sequence, new text, new logprobs).
 """
 
 from __future__ import annotations

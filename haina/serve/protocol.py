@@ -335,3 +335,11 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class APIError(Exception):
+    """An error answered in the OpenAI shape with an HTTP status."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, type: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.type = status, message, param, type

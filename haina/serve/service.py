@@ -3,8 +3,8 @@
 The `Service` loads the checkpoint on a background thread (so the HTTP server answers /health at
 once), then runs one `EngineLoop`. Each HTTP request becomes one engine sequence per prompt and
 sample; its events come back on the request's own asyncio queue, where they are turned into text
-(incrementally, UTF-8 safe) and checked for stop strings. A stop string hit aborts the engine
-request so its slot frees at the next step. Everything a request could get wrong is checked
+(incrementally, UTF-8 safe) and checked for stop strings (`haina.serve.sequences`). A stop string hit aborts
+the engine request so its slot frees at the next step. Everything a request could get wrong is checked
 before anything is submitted, so a bad request never reaches the engine thread.
 
 With LoRA adapters (`ServiceConfig.adapters`) one base serves several models: a request's `model`
@@ -25,7 +25,7 @@ import asyncio
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,20 +34,21 @@ from haina.core.errors import HainaError
 from haina.core.log import logger
 from haina.generate.chat import DEFAULT_CHAT_TEMPLATE, chat_stop_strings, chat_stop_token_ids, encode_chat
 from haina.generate.engine import Engine
-from haina.generate.outputs import StepEvent, TokenLogprob
+from haina.generate.outputs import TokenLogprob
 from haina.generate.sampling import SamplingParams
-from haina.generate.text import SequenceDecoder
 from haina.serve.context import CONTEXT_ANSWER_ROOM, ContextBusy, ContextProvider, ContextRunner, Messages
 from haina.serve.formats import ChatFormat, CompletionFormat, sse
-from haina.serve.loop import EngineFailure, EngineLoop, QueueFull, Sequence
+from haina.serve.loop import EngineLoop, QueueFull
 from haina.serve.metrics import ServeMetrics
 from haina.serve.protocol import (
+    APIError,
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
     EmbeddingRequest,
     TokenizeRequest,
 )
+from haina.serve.sequences import Disconnected, Run, Seq
 from haina.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -55,9 +56,7 @@ if TYPE_CHECKING:
 
 __all__ = ["APIError", "ContextProvider", "Served", "Service", "ServiceConfig", "attach_adapters"]
 
-DISCONNECT_POLL_S = 0.5  # how often a request checks that its client is still there
 GREEDY_BELOW = 1e-5  # temperatures this small are greedy: dividing logits by them overflows fp32
-Disconnected = Callable[[], Awaitable[bool]]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -130,14 +129,6 @@ class ServiceConfig:
     def model_names(self) -> list[str]:
         """Every name clients may send as `model`: the base's first, then the adapters'."""
         return [self.model_name, *(name for name, _ in self.adapters)]
-
-
-class APIError(Exception):
-    """An error answered in the OpenAI shape with an HTTP status."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, type: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.type = status, message, param, type
 
 
 Loader = Callable[[ServiceConfig], tuple[Any, Tokenizer | None]]
@@ -338,10 +329,10 @@ class Service:
             return fmt.scored(results, prompts, texts, req.n, req.stream, _include_usage(req))
         params = self._params(req, max_tokens, k, prompt_logprobs=k if req.echo and k is not None else None)
         stops = _stops(req.stops)
-        seqs = [_Seq(p * req.n + i, loop.new_id(), p, tok, stops, _stop_ids(tok, params), k is not None,
+        seqs = [Seq(p * req.n + i, loop.new_id(), p, tok, stops, _stop_ids(tok, params), k is not None,
                      echo_text=texts[p] if texts else None)
                 for p in range(len(prompts)) for i in range(req.n)]
-        run = _Run(self, loop, [(s, prompts[s.prompt_index], _seeded(params, i % req.n)) for i, s in enumerate(seqs)],
+        run = Run(self, loop, [(s, prompts[s.prompt_index], _seeded(params, i % req.n)) for i, s in enumerate(seqs)],
                    arrival, served.adapter)
         if req.stream:
             return sse(fmt.stream(run, disconnected, _include_usage(req), prompts))
@@ -398,8 +389,8 @@ class Service:
         stop_ids = tuple(dict.fromkeys(chat_stop_token_ids(tok)))
         params = self._params(req, max_tokens, k, stop_ids=stop_ids)
         stops = _stops(list(dict.fromkeys(chat_stop_strings(tok) + req.stops)))
-        seqs = [_Seq(i, loop.new_id(), 0, tok, stops, _stop_ids(tok, params), k is not None) for i in range(req.n)]
-        run = _Run(self, loop, [(s, ids, _seeded(params, i)) for i, s in enumerate(seqs)], arrival, served.adapter)
+        seqs = [Seq(i, loop.new_id(), 0, tok, stops, _stop_ids(tok, params), k is not None) for i in range(req.n)]
+        run = Run(self, loop, [(s, ids, _seeded(params, i)) for i, s in enumerate(seqs)], arrival, served.adapter)
         fmt = ChatFormat(f"chatcmpl-{uuid.uuid4().hex}", served.name, tok, sources)
         if req.stream:
             return sse(fmt.stream(run, disconnected, _include_usage(req), len(ids)))
@@ -535,121 +526,3 @@ def _seeded(params: SamplingParams, i: int) -> SamplingParams:
 
 def _include_usage(req) -> bool:
     return bool(req.stream_options and req.stream_options.include_usage)
-
-
-class _Seq:
-    """One sequence of a request: its text state (detokenizer, stop strings) and what it produced."""
-
-    def __init__(self, index: int, request_id: str, prompt_index: int, tok: Tokenizer, stops: list[str],
-                 stop_ids: frozenset[int], want_logprobs: bool, echo_text: str | None = None):
-        self.index, self.request_id, self.prompt_index = index, request_id, prompt_index
-        self.decoder = SequenceDecoder(tok, stops, stop_ids)
-        self.want_logprobs = want_logprobs
-        self.echo_text = echo_text
-        self.num_tokens = 0
-        self.logprobs: list[TokenLogprob | None] = []
-        self.prompt_logprobs: list[TokenLogprob | None] | None = None
-        self.finish_reason: str | None = None
-        self.last_time: float | None = None
-
-    @property
-    def text(self) -> str:
-        return self.decoder.text
-
-    @property
-    def all_logprobs(self) -> list[TokenLogprob | None]:
-        """The log-probabilities of every generated token, a final stop token (EOS) included (`logprobs` leaves
-        it out, as the text does)."""
-        return (self.decoder.logprobs or []) if self.want_logprobs else []
-
-    def feed(self, ev: StepEvent) -> tuple[str, list[TokenLogprob | None]]:
-        """Take one engine event; return (new text, log-probabilities of the tokens behind it)."""
-        self.num_tokens += len(ev.new_token_ids)
-        if ev.prompt_logprobs is not None:
-            self.prompt_logprobs = ev.prompt_logprobs
-        out, hit, lps = self.decoder.feed(ev)
-        new_lps = lps if self.want_logprobs else []
-        self.logprobs += new_lps
-        if hit:
-            self.finish_reason = "stop"
-        elif ev.finished:
-            self.finish_reason = "length" if ev.finish_reason == "length" else "stop"
-        return out, new_lps
-
-
-class _Run:
-    """The sequences of one HTTP request in the engine, and their events as they come back."""
-
-    def __init__(self, service: Service, loop: EngineLoop,
-                 items: list[tuple[_Seq, list[int], SamplingParams]], arrival: float, adapter: int = -1):
-        self.service, self.loop, self.arrival = service, loop, arrival
-        self.metrics = service.metrics
-        self.pending = {s.request_id: s for s, _, _ in items}
-        self.queue: asyncio.Queue = asyncio.Queue()
-        aloop = asyncio.get_running_loop()
-
-        def sink(item) -> None:
-            aloop.call_soon_threadsafe(self.queue.put_nowait, item)
-
-        if len(items) > loop.max_queue:  # could never be admitted: a 429 would be retried forever
-            raise APIError(400, f"the request needs {len(items)} sequences (prompts x n), more than the server's "
-                           f"queue of {loop.max_queue}; send fewer prompts or a smaller n", param="n")
-        try:
-            loop.submit([Sequence(s.request_id, ids, p, adapter) for s, ids, p in items], sink)
-        except QueueFull as e:
-            raise APIError(429, str(e)) from None
-        self.metrics.prompt_tokens.inc(sum(len(ids) for _, ids, _ in items))
-
-    async def events(self, disconnected: Disconnected | None = None
-                     ) -> AsyncIterator[tuple[_Seq, str, list[TokenLogprob | None]]]:
-        """Yield (sequence, new text, new logprobs) per engine event until every sequence has finished.
-
-        Leaving early (client gone, cancelled) aborts what is still running, freeing the slots.
-        """
-        m = self.metrics
-        check_at = time.perf_counter() + DISCONNECT_POLL_S
-        try:
-            while self.pending:
-                try:  # the common case, an event already queued, without wait_for's timer
-                    item = self.queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    try:
-                        item = await asyncio.wait_for(self.queue.get(), timeout=DISCONNECT_POLL_S)
-                    except TimeoutError:
-                        if disconnected is not None and await disconnected():
-                            return
-                        continue
-                if isinstance(item, EngineFailure):
-                    raise APIError(500, str(item))
-                if isinstance(item, BaseException):
-                    raise APIError(400, str(item)) if isinstance(item, HainaError) else item
-                seq = self.pending.get(item.request_id)
-                if seq is None:
-                    continue  # the abort event after a stop-string hit
-                now = time.perf_counter()
-                # Events keep coming while tokens flow, so the timeout above never fires: a non-streaming
-                # client that left is noticed here (a stream also notices when its next send fails).
-                if disconnected is not None and now >= check_at:
-                    check_at = now + DISCONNECT_POLL_S
-                    if await disconnected():
-                        return
-                if seq.last_time is None:
-                    m.ttft.observe(now - self.arrival)
-                elif item.new_token_ids:
-                    m.itl.observe(now - seq.last_time)
-                seq.last_time = now
-                m.generation_tokens.inc(len(item.new_token_ids))
-                text, lps = seq.feed(item)
-                if seq.finish_reason is not None:
-                    del self.pending[seq.request_id]
-                    m.requests.labels(seq.finish_reason).inc()
-                    if not item.finished:  # a stop string: the engine would go on
-                        self.loop.abort([seq.request_id])
-                yield seq, text, lps
-            m.e2e.observe(time.perf_counter() - self.arrival)
-        finally:
-            if self.pending:
-                self.loop.abort(list(self.pending))
-                for _ in self.pending:
-                    m.requests.labels("abort").inc()
-                self.pending = {}

@@ -88,7 +88,8 @@ def plot_losses(history: list[dict[str, Any]], path: Path, title: str = "") -> N
     if title:
         ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if train or val:  # a run that logged no finite loss has nothing to name
+        ax.legend()
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
