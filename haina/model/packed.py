@@ -37,6 +37,10 @@ MIN_ROWS = 16  # fewer rows than this: the plain product is as fast (measured ab
 # on 2 cores it paid off for pretraining windows (8 × 256 rows: 1.33x the step rate) and lost for short padded
 # fine-tuning batches (~300 rows: 0.9x the rate, 1.9x the memory added by training). Below this, training is plain.
 TRAIN_MIN_ROWS = 1024
+# oneDNN keeps a primitive (and its memory) per product shape: batches of ever-changing length (classification,
+# fine-tuning) grew a training process by ~120 MiB over 400 steps. A layer that has met this many row counts
+# computes the rest plainly; fixed shapes (pretraining windows, perplexity windows) stay packed.
+MAX_SHAPES = 8
 MAX_PACKED_BYTES = 1 << 30  # extra memory the copies may take, all layers together
 _ROWS_HINT = 64  # the row count oneDNN picks its layout for; it serves any number of rows
 
@@ -75,13 +79,14 @@ class _PackedLinear(torch.autograd.Function):
 class _Pack:
     """One layer's packed weight and the (data pointer, version) of the weight it was packed from."""
 
-    __slots__ = ("failed", "packed", "stamp", "train")
+    __slots__ = ("failed", "packed", "rows", "stamp", "train")
 
     def __init__(self, train: bool = False) -> None:
         self.packed: torch.Tensor | None = None
         self.stamp: tuple[int, int] | None = None
         self.failed = False
         self.train = train  # products with autograd go through `_PackedLinear` too
+        self.rows: set[int] = set()  # the row counts this layer has computed packed (at most MAX_SHAPES)
 
     def __deepcopy__(self, memo) -> _Pack:
         return _Pack(self.train)  # a copied module packs its own (copied) weight at its first call
@@ -102,6 +107,11 @@ def _packed_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, w, b)  # a model in training: its short products (and evaluations) stay plain
     if grad and not pack.train:
         return F.linear(x, w, b)
+    rows = x.numel() // x.shape[-1]
+    if rows not in pack.rows:
+        if len(pack.rows) >= MAX_SHAPES:
+            return F.linear(x, w, b)
+        pack.rows.add(rows)
     if pack.stamp is None:  # the first packed call: pack once, which also proves the ops work on this torch
         _repack(w, pack)
         if pack.failed:

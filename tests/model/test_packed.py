@@ -172,3 +172,15 @@ def test_short_training_batches_stay_plain():
     pack_linears(layer, train=True)
     layer(torch.randn(4, 20, 48, requires_grad=True)).sum().backward()
     assert layer._haina_pack.stamp is None  # never packed
+
+
+def test_a_layer_meeting_many_row_counts_computes_the_rest_plainly():
+    layer = torch.nn.Linear(32, 48)
+    pack_linears(layer)
+    with torch.no_grad():
+        for t in range(packed.MAX_SHAPES + 3):
+            x = torch.randn(MIN_ROWS + t, 32)
+            torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias),
+                                       rtol=1e-4, atol=1e-4)
+        layer(torch.randn(MIN_ROWS, 32))  # a row count it packed before: still packed
+    assert len(layer._haina_pack.rows) == packed.MAX_SHAPES
