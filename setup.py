@@ -15,5 +15,5 @@ recipes = ["haina.recipes", *(f"haina.recipes.{p}" for p in find_namespace_packa
 setup(
     packages=[*code, *recipes],
     package_dir={"haina.recipes": "recipes"},
-    package_data={"haina.serve.static": ["*"], **{p: ["*.yaml", "*.jsonl"] for p in recipes}},
+    package_data={"haina.serve.static": ["*"], **{p: ["*.yaml", "*.jsonl", "*.sbatch"] for p in recipes}},
 )

@@ -525,6 +525,11 @@ CASES += [
           ("weights-truncated", truncate, "ckpt/model.safetensors", "model.safetensors" if fmt == "onnx" else "Llama"),
           ("config-flipped", flip, "ckpt/config.yaml", "config.yaml"),
           ("checkpoint-is-file", to_file, "ckpt", "ckpt")]],
+    # a plain checkpoint from a sharded one: given something else.
+    *[_case(f"export-checkpoint-{name}", "export checkpoint --checkpoint {c}/ckpt --out {c}/out", "ckpt",
+            [(breaker, "ckpt")] if breaker else [], expect)
+      for name, breaker, expect in [("not-sharded", None, "neither a sharded checkpoint"),
+                                    ("checkpoint-is-file", to_file, "ckpt")]],
     # generate's prompts file.
     *[_case(f"generate-prompts-{name}", "generate --checkpoint {c}/ckpt --prompts-file {c}/prompts" + ext +
             " --max-new-tokens 2", "ckpt", [(breaker, "prompts" + ext)], "prompts")

@@ -1,11 +1,12 @@
-"""The pre-allocated, slot-based KV cache that the engine owns.
+"""The slot-based KV cache that the engine owns, and its fixed, pre-allocated form.
 
-One (max_batch, nkv, max_len, hs) tensor for keys and one for values per layer, allocated once.
-Each slot (row) is one sequence with its own length, so requests join and leave independently.
-A forward pass covers a contiguous run of slots: `bind` says which rows, where each row's new
-tokens start and how many there are; the model then calls `update` once per layer; `commit`
-advances the lengths. The engine keeps its running slots packed at the front (`move`), so the
-keys a step reads are a plain view of the cache, never a gather.
+Keys and values live in one (layers, slots, nkv, length, hs) tensor each. Each slot (row) is one
+sequence with its own length, so requests join and leave independently. A forward pass covers a
+contiguous run of slots: `bind` says which rows, where each row's new tokens start and how many
+there are; the model then calls `update` once per layer; `commit` advances the lengths. The engine
+keeps its running slots packed at the front (`move`), so the keys a step reads are a plain view of
+the cache, never a gather. `KVCache` allocates every slot's whole length once (CUDA graphs need
+its fixed addresses); `haina.generate.paged.PagedKVCache` grows and shrinks with the tokens held.
 """
 
 from __future__ import annotations
@@ -16,15 +17,13 @@ from haina.core.errors import HainaError
 from haina.model.config import ModelConfig
 
 
-class KVCache:
-    """Keys and values of `max_batch` sequences of up to `max_len` tokens each.
+class KVCacheBase:
+    """Slots of keys and values in one (layers, slots, nkv, length, hs) tensor each, and a forward pass over them.
 
-    Args:
-        cfg: the model's config (layers, key/value heads, head size).
-        max_batch: number of slots.
-        max_len: tokens per slot.
-        device: where to allocate.
-        dtype: element type (the model's parameter dtype).
+    What the model, the engine, beam search and ensembles use (`bind`, `update`, `update_narrow`, `commit`,
+    `move`, `reorder`, `reset`, `lengths`, `bytes`), over storage a subclass provides by calling `_store`:
+    `KVCache` allocates every slot's whole length up front; `haina.generate.paged.PagedKVCache` grows it with
+    the tokens held. `max_batch` and `max_len` are the logical limits; the storage may be smaller.
     """
 
     def __init__(self, cfg: ModelConfig, max_batch: int, max_len: int, device: str | torch.device | None = None,
@@ -34,13 +33,6 @@ class KVCache:
         self.n_layer, self.n_kv, self.head_dim = cfg.n_layer, cfg.kv_heads, cfg.head_dim
         self.max_batch, self.max_len, self.dtype = max_batch, max_len, dtype
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        # One tensor for all layers, so a step's write and read windows are sliced once (in `bind`)
-        # rather than once per layer: the per-token Python overhead is what single-stream decode pays.
-        shape = (cfg.n_layer, max_batch, self.n_kv, max_len, self.head_dim)
-        self._k_all = torch.zeros(shape, device=self.device, dtype=dtype)
-        self._v_all = torch.zeros(shape, device=self.device, dtype=dtype)
-        self.k = list(self._k_all.unbind(0))  # per-layer views (max_batch, nkv, max_len, hs)
-        self.v = list(self._v_all.unbind(0))
         self.lengths = [0] * max_batch  # tokens stored per slot
         # Set by `bind` for the forward pass in progress.
         self._row0, self._rows, self._T = 0, 0, 0
@@ -53,11 +45,18 @@ class KVCache:
         # start at one position, else (k read, v read, row index) for per-row scattered writes.
         self._windows: tuple[torch.Tensor, ...] = ()
 
+    def _store(self, k_all: torch.Tensor, v_all: torch.Tensor) -> None:
+        """Use k_all, v_all (layers, slots, nkv, length, hs) as the storage from now on."""
+        # One tensor for all layers, so a step's write and read windows are sliced once (in `bind`)
+        # rather than once per layer: the per-token Python overhead is what single-stream decode pays.
+        self._k_all, self._v_all = k_all, v_all
+        self.k = list(k_all.unbind(0))  # per-layer views (slots, nkv, length, hs)
+        self.v = list(v_all.unbind(0))
+
     @property
     def bytes(self) -> int:
-        """Memory of keys and values: 2 · layers · kv_heads · head_dim · max_batch · max_len · element size."""
-        elem = torch.empty((), dtype=self.dtype).element_size()
-        return 2 * self.n_layer * self.n_kv * self.head_dim * self.max_batch * self.max_len * elem
+        """Memory of the keys and values allocated now."""
+        return 2 * self._k_all.numel() * self._k_all.element_size()
 
     @staticmethod
     def bytes_per_token(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> int:
@@ -164,3 +163,29 @@ class KVCache:
     def reset(self, slot: int) -> None:
         """Mark a slot empty (its memory is simply overwritten by the next user)."""
         self.lengths[slot] = 0
+
+
+class KVCache(KVCacheBase):
+    """Keys and values of `max_batch` sequences of up to `max_len` tokens each, allocated once.
+
+    Its tensors never move, which CUDA graphs need (`haina.generate.graphs` captures their addresses).
+
+    Args:
+        cfg: the model's config (layers, key/value heads, head size).
+        max_batch: number of slots.
+        max_len: tokens per slot.
+        device: where to allocate.
+        dtype: element type (the model's parameter dtype).
+    """
+
+    def __init__(self, cfg: ModelConfig, max_batch: int, max_len: int, device: str | torch.device | None = None,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__(cfg, max_batch, max_len, device, dtype)
+        shape = (cfg.n_layer, max_batch, self.n_kv, max_len, self.head_dim)
+        self._store(torch.zeros(shape, device=self.device, dtype=dtype), torch.zeros(shape, device=self.device,
+                                                                                      dtype=dtype))
+
+    @property
+    def bytes(self) -> int:
+        """Memory of keys and values: 2 · layers · kv_heads · head_dim · max_batch · max_len · element size."""
+        return super().bytes

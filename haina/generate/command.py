@@ -96,10 +96,12 @@ def check_adapter_path(adapter: str | None) -> None:
 
 
 def _load_engine(checkpoint: str | list[str], adapter: str | None, backend: str, device: str, dtype: DTypeName,
-                 batch_size: int, weights: list[float] | None = None) -> tuple[Any, Tokenizer]:
+                 batch_size: int, weights: list[float] | None = None, kv_cache: str = "auto",
+                 kv_budget_mb: float | None = None) -> tuple[Any, Tokenizer]:
     """The engine of `backend` over `checkpoint` (an ONNX export for onnxruntime), and the tokenizer.
 
-    Several checkpoints run as one ensemble (`haina.generate.ensemble`), mixed with `weights`.
+    Several checkpoints run as one ensemble (`haina.generate.ensemble`), mixed with `weights`; `kv_cache` and
+    `kv_budget_mb` choose haina's KV cache (`Engine`).
     """
     from haina.generate.ensemble import as_checkpoints
     from haina.generate.onnx_backend import is_onnx_export, load_onnx_engine
@@ -112,6 +114,9 @@ def _load_engine(checkpoint: str | list[str], adapter: str | None, backend: str,
         if adapter is not None:
             raise HainaError("--adapter does not apply to --backend onnxruntime; merge the adapters in at export "
                              "(haina export onnx --adapter)")
+        if kv_cache != "auto" or kv_budget_mb is not None:
+            raise HainaError("--kv-cache and --kv-budget-mb choose haina's own KV cache; drop them with --backend "
+                             "onnxruntime")
         engine, tokenizer = load_onnx_engine(paths[0], device=device)
         exported = engine.decoder.spec["dtype"]
         if dtype not in ("float32", exported):  # float32 is the default: it stands for "as exported"
@@ -127,7 +132,8 @@ def _load_engine(checkpoint: str | list[str], adapter: str | None, backend: str,
 
         dev = resolve_device(device)
         model, tokenizer = load_ensemble(paths, weights, device=dev, dtype=resolve_dtype(dtype, dev), adapter=adapter)
-        engine = None if tokenizer is None else Engine(model, max_batch_size=batch_size, eos_token_id=tokenizer.eos_id)
+        engine = None if tokenizer is None else Engine(model, max_batch_size=batch_size, eos_token_id=tokenizer.eos_id,
+                                                       kv_cache=kv_cache, kv_budget_mb=kv_budget_mb)
     if tokenizer is None:
         raise HainaError(f"checkpoint {paths[0]} has no tokenizer/ directory; generate needs one to read text")
     return engine, tokenizer
@@ -142,7 +148,8 @@ def generate_command(checkpoint: list[str], adapter: str | None = None, weights:
                      early_stopping: bool = False, n: int = 1, stop: list[str] | None = None, seed: int | None = 0,
                      stream: bool = False, logprobs: int | None = None, ignore_eos: bool = False, batch_size: int = 16,
                      device: str = "auto", dtype: DTypeName = "float32",
-                     backend: Literal["haina", "onnxruntime"] = "haina") -> int:
+                     backend: Literal["haina", "onnxruntime"] = "haina",
+                     kv_cache: Literal["auto", "paged", "fixed"] = "auto", kv_budget_mb: float | None = None) -> int:
     """Generate text from a checkpoint: one --prompt, or a --prompts-file processed in batches.
 
     Several --checkpoint make an ensemble: at every step their next-token probabilities are mixed (weighted by
@@ -180,6 +187,10 @@ def generate_command(checkpoint: list[str], adapter: str | None = None, weights:
         dtype: the weights' precision: float32, bfloat16, or float16 (CUDA/MPS only).
         backend: haina (its own engine, on a checkpoint) or onnxruntime (ONNX Runtime, on a directory written by
             `haina export onnx`; one sequence at a time, no beam search, precision fixed at export).
+        kv_cache: paged (memory follows the tokens held), fixed (every sequence's whole context reserved up front,
+            as CUDA graphs need), or auto (fixed on CUDA without --kv-budget-mb, else paged).
+        kv_budget_mb: the most memory the KV cache may take, in MiB; sequences beyond it wait for room (default: no
+            limit).
     """
     from haina.generate.text import TextGenerator
 
@@ -201,7 +212,8 @@ def generate_command(checkpoint: list[str], adapter: str | None = None, weights:
     check_adapter_path(adapter)
     if backend == "onnxruntime" and num_beams > 1:
         raise HainaError("beam search runs on haina's own engine only; use --backend haina or --num-beams 1")
-    engine, tokenizer = _load_engine(checkpoint, adapter, backend, device, dtype, batch_size, weights)
+    engine, tokenizer = _load_engine(checkpoint, adapter, backend, device, dtype, batch_size, weights, kv_cache,
+                                     kv_budget_mb)
     gen = TextGenerator(engine, tokenizer)
 
     if stream:

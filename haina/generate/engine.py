@@ -1,4 +1,4 @@
-"""The generation engine: continuous batching over a pre-allocated KV cache, token ids in and out.
+"""The generation engine: continuous batching over a slot-based KV cache, token ids in and out.
 
 Each `step()` admits waiting requests into free cache slots and prefills them in one batched
 forward pass (right-padded, causal mask), then runs one decode step (one token per row, a forward
@@ -6,6 +6,13 @@ of length 1) for every request that was already running. Rows keep their own len
 positions, so a prompt's greedy output does not depend on its batch neighbours. Finished requests
 leave at once and the last running slot moves into the hole, keeping running slots packed at the
 front of the cache.
+
+On a CPU the KV cache is paged (`haina.generate.paged`): its memory follows the tokens held, and with
+`kv_budget_mb` stays within a budget. Requests are admitted only while the running ones and they fit; when
+the running ones outgrow the budget, the newest goes back to the front of the queue and later resumes by
+prefilling its prompt and what it had generated (vLLM's preemption by recomputation). The fixed cache
+(`haina.generate.cache.KVCache`) reserves every slot's whole context once; CUDA graphs need it, so on CUDA
+it is the default without a budget.
 
 A model holding several LoRA adapters (`haina.model.lora_serving.load_adapters`) serves each request with
 its own one: before every model call the engine tells the adapter layers which adapter each row
@@ -22,6 +29,7 @@ import itertools
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import torch
 
@@ -31,11 +39,26 @@ from haina.generate.cache import KVCache
 from haina.generate.graphs import DecodeGraphs
 from haina.generate.head import DecodeHead
 from haina.generate.outputs import GenerationResult, StepEvent, TokenLogprob, token_logprobs
+from haina.generate.paged import PagedKVCache
 from haina.generate.sampling import RowState, SamplingParams, sample_tokens
 from haina.model.lora_serving import adapter_selection
 from haina.model.transformer import ENCODER_CANNOT_GENERATE, Transformer
 
-__all__ = ["Engine", "GenerationResult", "StepEvent", "TokenLogprob"]
+__all__ = ["KV_CACHES", "Engine", "GenerationResult", "StepEvent", "TokenLogprob", "check_kv_options"]
+
+KVCacheKind = Literal["auto", "paged", "fixed"]
+KV_CACHES: tuple[str, ...] = get_args(KVCacheKind)
+
+
+def check_kv_options(kind: str, budget_mb: float | None) -> None:
+    """One line for a KV-cache kind or budget the engine would refuse (a server checks before loading)."""
+    if kind not in KV_CACHES:
+        raise HainaError(f"kv_cache must be one of {', '.join(KV_CACHES)}, got '{kind}'")
+    if budget_mb is not None and not budget_mb > 0:
+        raise HainaError(f"kv_budget_mb must be positive, got {budget_mb}")
+    if kind == "fixed" and budget_mb is not None:
+        raise HainaError("kv_budget_mb bounds the paged KV cache; use kv_cache 'paged' (or 'auto') with it, "
+                         "or drop the budget")
 
 
 @dataclass
@@ -64,10 +87,15 @@ class Engine:
         max_seq_len: tokens per sequence, prompt included (default: the model's block size).
         eos_token_id: ends a request unless its params say `ignore_eos`; None for no EOS.
         device: where to run (default: where the model's parameters are).
+        kv_cache: "paged" (memory follows the tokens held), "fixed" (every slot's whole context reserved up
+            front; what CUDA graphs replay), or "auto": fixed on CUDA without a budget, else paged.
+        kv_budget_mb: the most memory the paged KV cache may take, in MiB (None: as much as it needs); it
+            also bounds one sequence's context.
     """
 
     def __init__(self, model: Transformer, *, max_batch_size: int = 16, max_seq_len: int | None = None,
-                 eos_token_id: int | None = None, device: str | torch.device | None = None):
+                 eos_token_id: int | None = None, device: str | torch.device | None = None,
+                 kv_cache: KVCacheKind = "auto", kv_budget_mb: float | None = None):
         cfg = model.cfg
         if not cfg.causal:
             raise HainaError(ENCODER_CANNOT_GENERATE)
@@ -84,15 +112,37 @@ class Engine:
             raise HainaError(f"max_batch_size must be at least 1, got {max_batch_size}")
         self.max_batch_size = max_batch_size
         self.eos_token_id = eos_token_id
-        self.cache = KVCache(cfg, max_batch_size, self.max_seq_len, device=self.device, dtype=self.dtype)
+        self.cache = self._make_cache(kv_cache, kv_budget_mb)
+        self._paged = isinstance(self.cache, PagedKVCache)
+        self._budgeted = self._paged and self.cache.budget_bytes is not None
+        if self._paged:
+            self.max_seq_len = self.cache.max_tokens_per_sequence  # a budget may hold less than the context
+        self.num_preempted = 0  # requests sent back to the queue to stay within the KV budget, so far
         self._head = DecodeHead(model)
         self._adapters = adapter_selection(model)  # None for a model without stacked adapters: no work per call
-        # On CUDA the decode step replays CUDA graphs (haina.generate.graphs); on a CPU the eager step is faster.
-        self._graphs = DecodeGraphs(model, self.cache, self._head) if self.device.type == "cuda" else None
+        # On CUDA the decode step replays CUDA graphs (haina.generate.graphs) over the fixed cache's tensors;
+        # on a CPU the eager step is faster.
+        use_graphs = self.device.type == "cuda" and not self._paged
+        self._graphs = DecodeGraphs(model, self.cache, self._head) if use_graphs else None
         self._waiting: deque[_Request] = deque()
         self._running: list[_Request] = []  # index == cache slot
         self._requests: dict[str, _Request] = {}
         self._ids = itertools.count()
+
+    def _make_cache(self, kind: str, budget_mb: float | None) -> KVCache | PagedKVCache:
+        """The KV cache `kind` asks for (see the class doc), checked against the budget."""
+        check_kv_options(kind, budget_mb)
+        if kind == "fixed":
+            return KVCache(self.cfg, self.max_batch_size, self.max_seq_len, device=self.device, dtype=self.dtype)
+        if kind == "auto" and self.device.type == "cuda" and budget_mb is None:
+            return KVCache(self.cfg, self.max_batch_size, self.max_seq_len, device=self.device, dtype=self.dtype)
+        budget = None if budget_mb is None else int(budget_mb * 2**20)
+        per_token = KVCache.bytes_per_token(self.cfg, self.dtype)
+        if budget is not None and budget < 2 * per_token:
+            raise HainaError(f"a KV budget of {budget_mb} MiB holds fewer than 2 tokens of this model ({per_token:,} "
+                             "bytes each); raise kv_budget_mb (--kv-budget-mb)")
+        return PagedKVCache(self.cfg, self.max_batch_size, self.max_seq_len, device=self.device, dtype=self.dtype,
+                            budget_bytes=budget)
 
     # ------------------------------------------------------------------ queue
     @property
@@ -149,8 +199,11 @@ class Engine:
         if not prompt:
             raise HainaError("the prompt is empty; give at least one token (e.g. the BOS or EOS token)")
         if len(prompt) >= self.max_seq_len:
+            fix = "shorten the prompt"
+            if self.max_seq_len < self.cache.max_len:  # the KV budget, not the model, sets the context
+                fix += f" or raise kv_budget_mb (its {self.cache.budget_bytes / 2**20:g} MiB hold {self.max_seq_len} tokens)"
             raise HainaError(f"the prompt has {len(prompt)} tokens but the context holds {self.max_seq_len}, "
-                             "leaving no room to generate; shorten the prompt")
+                             f"leaving no room to generate; {fix}")
         bad = [t for t in prompt if not 0 <= t < self.cfg.vocab_size]
         if bad:
             raise HainaError(f"prompt token id {bad[0]} is outside the vocabulary (0..{self.cfg.vocab_size - 1})")
@@ -179,9 +232,10 @@ class Engine:
         events: list[StepEvent] = []
         with torch.inference_mode(), _eval(self.model):
             self._drop_aborted(events)
+            if self._budgeted:
+                self._preempt_to_fit()
             old = len(self._running)
-            free = self.max_batch_size - old
-            newcomers = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+            newcomers = self._admit(self.max_batch_size - old)
             for req in newcomers:
                 req.slot = len(self._running)
                 self._running.append(req)
@@ -191,6 +245,39 @@ class Engine:
                 self._forward(newcomers, prefill=True, events=events)
             self._retire()
         return events
+
+    def _admit(self, free: int) -> list[_Request]:
+        """Take up to `free` requests from the front of the queue, in order, as long as the KV budget holds them.
+
+        Room is checked for the step after this one too (every row one token longer), so that a request
+        admitted now is not sent back before it has decoded.
+        """
+        if not self._budgeted:
+            return [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+        n = len(self._running)
+        longest = max(self.cache.lengths[:n]) + 1 if n else 0  # after this step's decode
+        taken: list[_Request] = []
+        while self._waiting and len(taken) < free:
+            longest = max(longest, len(self._waiting[0].prompt) + len(self._waiting[0].output))
+            if not self.cache.fits(n + len(taken) + 1, longest + 1):
+                break
+            taken.append(self._waiting.popleft())
+        return taken
+
+    def _preempt_to_fit(self) -> None:
+        """Send the newest running requests back to the front of the queue until a decode step fits the budget.
+
+        A request alone always fits (the budget bounds `max_seq_len`). One sent back keeps its tokens and its
+        sampling state, and on readmission prefills its prompt and its output so far, then goes on as before.
+        """
+        lengths, n = self.cache.lengths, len(self._running)
+        while n > 1 and not self.cache.fits(n, max(lengths[:n]) + 1):
+            req = self._running.pop()
+            self.cache.reset(req.slot)
+            req.slot = -1
+            self._waiting.appendleft(req)
+            self.num_preempted += 1
+            n -= 1
 
     def _drop_aborted(self, events: list[StepEvent]) -> None:
         aborted = [r for r in self._waiting if r.aborted]
@@ -216,6 +303,8 @@ class Engine:
             else:
                 self.cache.reset(slot)
             self._running.pop()
+        if self._paged and done:
+            self.cache.trim()  # memory goes back as requests leave
 
     def _forward(self, reqs: list[_Request], *, prefill: bool, events: list[StepEvent]) -> None:
         """One forward pass over the contiguous slots of `reqs`, then sample one token per row."""
@@ -223,9 +312,11 @@ class Engine:
         if self._adapters is not None:
             self._adapters.select([r.adapter for r in reqs], self.device)
         if prefill:
-            lens = [len(r.prompt) for r in reqs]
+            # A request sent back to the queue (`_preempt_to_fit`) prefills its output so far after its prompt.
+            ctx = [r.prompt + r.output if r.output else r.prompt for r in reqs]
+            lens = [len(c) for c in ctx]
             T = max(lens)
-            idx = torch.tensor([r.prompt + [0] * (T - len(r.prompt)) for r in reqs], device=self.device)
+            idx = torch.tensor([c + [0] * (T - len(c)) for c in ctx], device=self.device)
             positions = self.cache.bind(row0, [0] * len(reqs), T)
             h = model.hidden_states(idx, positions=positions, cache=self.cache)  # (B, T, C)
             last = h[torch.arange(len(reqs), device=self.device), torch.tensor(lens, device=self.device) - 1]
@@ -246,9 +337,9 @@ class Engine:
         tokens = sample_tokens(logits, [r.row for r in reqs], [r.generator for r in reqs]).tolist()
         token_lps = token_logprobs(raw_lp, tokens, want_lp) if raw_lp is not None else [None] * len(reqs)
         prompt_lps = [None] * len(reqs)
-        if prefill and any(r.params.prompt_logprobs is not None for r in reqs):
+        if prefill and any(r.params.prompt_logprobs is not None and not r.output for r in reqs):
             for b, r in enumerate(reqs):
-                if r.params.prompt_logprobs is not None:
+                if r.params.prompt_logprobs is not None and not r.output:  # not again after a preemption
                     full = model.lm_head(h[b, :len(r.prompt) - 1]).float().log_softmax(dim=-1)
                     prompt_lps[b] = [None] + token_logprobs(full, r.prompt[1:],
                                                              [r.params.prompt_logprobs] * (len(r.prompt) - 1))

@@ -115,6 +115,9 @@ class DecodeGraphs:
     def __init__(self, model: Transformer, cache: KVCache, head: Callable[[torch.Tensor], torch.Tensor] | None = None, *,
                  max_batch: int | None = None, use_graphs: bool | None = None, min_keys: int = MIN_KEYS,
                  max_graphs: int = MAX_GRAPHS, warmup: int = 2):
+        if not isinstance(cache, KVCache):  # a paged cache reallocates as it grows: a graph would replay stale memory
+            raise HainaError(f"CUDA graphs replay the fixed KV cache's tensors, not a {type(cache).__name__}; "
+                             "use kv_cache='fixed'")
         max_batch = cache.max_batch if max_batch is None else max_batch
         if not 1 <= max_batch <= cache.max_batch:
             raise HainaError(f"max_batch must be 1..{cache.max_batch} (the cache's slots), got {max_batch}")

@@ -44,6 +44,7 @@ from haina.tokenizer import Tokenizer
 WEIGHTS = "model.safetensors"
 CONFIG = "config.yaml"
 ADAPTER = "adapter.safetensors"  # a LoRA checkpoint's tensors (haina.model.lora, which imports this module)
+SHARDS = "shards"  # a sharded training checkpoint's weights, one file per rank (haina.train.sharded)
 
 
 def _holds_model(path: Path) -> bool:
@@ -51,7 +52,7 @@ def _holds_model(path: Path) -> bool:
 
 
 def save_model(out_dir: str | Path, model: Transformer, tokenizer: Tokenizer | None = None,
-               extra_config: dict | None = None, checksums: bool = True) -> None:
+               extra_config: dict | None = None, checksums: bool = True, weights: bool = True) -> None:
     """Write weights, config, tokenizer and their checksums into `out_dir` (each file atomically).
 
     Args:
@@ -61,12 +62,14 @@ def save_model(out_dir: str | Path, model: Transformer, tokenizer: Tokenizer | N
         extra_config: more sections for config.yaml (a training run's resolved config).
         checksums: write checksums.json; a caller that adds files afterwards (a training checkpoint's trainer
             state) passes False and calls `write_checksums(out_dir)` itself once everything is written.
+        weights: False writes config and tokenizer only (a sharded checkpoint's ranks write the weights).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    weights = {k: v.detach().contiguous().cpu() for k, v in model.weights().items()}
-    with atomic_path(out / WEIGHTS) as tmp:
-        save_file(weights, str(tmp), metadata={"format": "pt", "producer": "haina"})
+    if weights:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in model.weights().items()}
+        with atomic_path(out / WEIGHTS) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "pt", "producer": "haina"})
     write_yaml(out / CONFIG, {"model": model.cfg.to_dict(), **(extra_config or {})})
     if tokenizer is not None:
         tokenizer.save(out / "tokenizer")
@@ -88,6 +91,14 @@ def resolve_checkpoint(path: str | Path, which: Literal["best", "latest"] = "bes
             return path / "checkpoints" / name
     if not path.exists():
         raise HainaError(f"checkpoint not found: {path}")
+    sharded = path if (path / SHARDS).is_dir() else None
+    if sharded is None and index.is_file():
+        name = read_json(index, "a checkpoint index is an object naming 'latest' and 'best'", expect=dict).get(which)
+        if isinstance(name, str) and "/" not in name and (path / "checkpoints" / name / SHARDS).is_dir():
+            sharded = path / "checkpoints" / name
+    if sharded is not None:
+        raise HainaError(f"{sharded} is a sharded training checkpoint (one file per rank, for resuming); make a "
+                         f"plain one first: haina export checkpoint --checkpoint {path} --out DIR")
     if not path.is_dir():
         raise HainaError(f"{path} is a file; point --checkpoint at a run directory or a checkpoint directory")
     raise HainaError(f"{path} holds no checkpoint ({WEIGHTS} or checkpoints/index.json); "
@@ -237,5 +248,5 @@ def _recorded_base(adapter_ckpt: Path) -> Path:
     return Path(base)
 
 
-__all__ = ["ADAPTER", "CONFIG", "WEIGHTS", "check_weights", "load_config", "load_model", "load_quantization",
+__all__ = ["ADAPTER", "CONFIG", "SHARDS", "WEIGHTS", "check_weights", "load_config", "load_model", "load_quantization",
            "read_weights", "resolve_checkpoint", "save_model", "verify_checkpoint", "verify_checksums", "write_checksums"]

@@ -30,7 +30,8 @@ def serve_command(checkpoint: list[str], adapter: list[str] | None = None, weigh
                   device: str = "auto", dtype: Literal["float32", "bfloat16", "float16"] = "float32",
                   max_body_mb: float = 4.0, threads: int | None = None,
                   request_timeout: float | None = None, drain_timeout: float = 30.0,
-                  log_level: Literal["critical", "error", "warning", "info", "debug"] = "info", *,
+                  log_level: Literal["critical", "error", "warning", "info", "debug"] = "info",
+                  kv_cache: Literal["auto", "paged", "fixed"] = "auto", kv_budget_mb: float | None = None, *,
                   context: Callable[[], Any] | None = None) -> int:
     """Serve a checkpoint over HTTP with the OpenAI API (completions, chat, streaming), with continuous batching.
 
@@ -75,6 +76,10 @@ def serve_command(checkpoint: list[str], adapter: list[str] | None = None, weigh
         drain_timeout: seconds requests in flight may take to finish after SIGTERM before they are cancelled
             (503) and the server exits.
         log_level: how much uvicorn logs (info logs every request).
+        kv_cache: paged (memory follows the tokens held), fixed (every slot's whole context reserved at start;
+            what CUDA graphs replay), or auto: paged on a CPU, fixed on CUDA unless --kv-budget-mb is given.
+        kv_budget_mb: the most memory the paged KV cache may take, in MiB; requests beyond it wait in the queue
+            (and the newest running one goes back to it when the others outgrow it). Default: no bound.
         context: (Python API; `haina serve --rag` sets it) builds the provider that adds context to chat
             requests when the model loads: `ServiceConfig.context`.
     """
@@ -121,6 +126,9 @@ def serve_command(checkpoint: list[str], adapter: list[str] | None = None, weigh
         check_members(checkpoints)  # tokenizers and vocabularies: a mismatch is refused before the port is bound
     check_adapters(checkpoints[0], adapters)
     from haina.core.device import resolve_device, resolve_dtype
+    from haina.generate.engine import check_kv_options
+
+    check_kv_options(kv_cache, kv_budget_mb)  # before the port is bound, as the rest
 
     resolve_dtype(dtype, resolve_device(device))  # float16 on a CPU: refused before the port is bound
     check_bindable(host, port)
@@ -132,7 +140,8 @@ def serve_command(checkpoint: list[str], adapter: list[str] | None = None, weigh
                            weights=tuple(weights or ()), served_model_name=served_model_name,
                            max_batch_size=max_batch_size, max_queue=max_queue, max_model_len=max_model_len,
                            device=device, dtype=dtype, api_keys=tuple(keys), max_body_bytes=int(max_body_mb * 1024 * 1024),
-                           request_timeout=request_timeout, adapters=adapters, context=context)
+                           request_timeout=request_timeout, adapters=adapters, context=context,
+                           kv_cache=kv_cache, kv_budget_mb=kv_budget_mb)
     service = Service(config)
     failed: list[str] = []
     server: uvicorn.Server | None = None

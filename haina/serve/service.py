@@ -78,6 +78,8 @@ class ServiceConfig:
         ensemble: further checkpoints served with `checkpoint` as one ensemble, whose next-token probabilities
             are mixed (they must share its tokenizer); not with adapters.
         weights: the ensemble's weights, `checkpoint`'s first (normalized; empty: equal).
+        kv_cache: the engine's KV cache: paged, fixed, or auto (paged on a CPU, fixed on CUDA: `Engine`).
+        kv_budget_mb: the most memory the paged KV cache may take (None: what the requests need).
         context: builds the `ContextProvider` of chat requests when the model loads (so /health answers
             meanwhile, and a failure is a load error). A picklable callable without arguments (a top-level
             function or a functools.partial of one), so that the config can go to another process. None: chat
@@ -97,6 +99,8 @@ class ServiceConfig:
     adapters: tuple[tuple[str, str], ...] = ()
     ensemble: tuple[str, ...] = ()
     weights: tuple[float, ...] = ()
+    kv_cache: str = "auto"
+    kv_budget_mb: float | None = None
     context: Callable[[], ContextProvider] | None = None
 
     def __post_init__(self) -> None:
@@ -206,7 +210,7 @@ class Service:
 
             def make_engine() -> Engine:
                 return Engine(model, max_batch_size=cfg.max_batch_size, max_seq_len=cfg.max_model_len,
-                              eos_token_id=tokenizer.eos_id)
+                              eos_token_id=tokenizer.eos_id, kv_cache=cfg.kv_cache, kv_budget_mb=cfg.kv_budget_mb)
 
             loop = EngineLoop(make_engine, self.metrics, max_queue=cfg.max_queue, request_timeout=cfg.request_timeout)
             self.tokenizer, self.vocab_size, self.served = tokenizer, model.cfg.vocab_size, served

@@ -126,21 +126,37 @@ class TrainConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ParallelConfig:
-    """Data parallelism over the processes torchrun starts, on one (dp_replicate, dp_shard) device mesh.
+    """How the processes torchrun starts share the work, on one (dp_replicate, dp_shard, tp) device mesh.
 
     dp_shard > 1 shards parameters, gradients and optimizer state over that many ranks (FSDP2); dp_replicate
-    copies the model (DDP when nothing is sharded, HSDP with both). Their product is the number of processes;
-    -1 takes what the other leaves, so the defaults make every process a DDP replica.
+    copies the model (DDP when nothing is sharded, HSDP with both); tp > 1 splits every block's attention heads
+    and MLP width over that many ranks (tensor parallelism), which see the same data. The product of the three is
+    the number of processes; -1 takes what the others leave, so the defaults make every process a DDP replica.
     """
 
     dp_replicate: int = -1
     dp_shard: int = 1
+    # Tensor parallelism: each rank of a group of tp holds n_head/tp heads and ffn_dim/tp of the MLP. For models
+    # too wide for one device; combine it with dp_shard (FSDP2) for data parallelism, not with DDP.
+    tp: int = 1
     # FSDP2 only: parameters and activations in bf16, gradients reduced in fp32 (reductions over many ranks in
     # bf16 lose the small updates). DDP keeps fp32 weights; use train.precision=bf16 (autocast) there.
     mixed_precision: bool = False
+    # FSDP2 even when dp_shard is 1 (one process under torchrun, or DDP's layout): what FSDP's machinery costs
+    # where nothing needs sharding, the overhead benchmarks/scaling.py --gpu measures.
+    fsdp: bool = False
     # A collective that waits longer than this for another rank fails the job instead of hanging it. It must
     # cover the longest pause of one rank: rank 0 writing a checkpoint while the others wait.
     timeout_seconds: float = 600.0
+    # How a distributed run writes checkpoints: "sharded", each rank its own part with torch.distributed.checkpoint
+    # (resumable at any world size; `haina export checkpoint` makes a plain one); "full", gathered onto rank 0 as one
+    # model.safetensors that every command reads; "auto", sharded when parameters are (dp_shard > 1), else full.
+    # A single process and tensor-parallel runs write full checkpoints.
+    checkpoint: Literal["auto", "full", "sharded"] = "auto"
+    # Sharded checkpoints, written in the background: each rank copies its state to CPU memory and writes it in a
+    # thread while training goes on; the checkpoint is indexed once every rank has written (before the next one, a
+    # rollback, or the end of the run). Makes checkpoint=auto sharded.
+    async_checkpoint: bool = False
 
     def __post_init__(self) -> None:
         for name in ("dp_replicate", "dp_shard"):
@@ -152,9 +168,29 @@ class ParallelConfig:
             raise HainaError("parallel.dp_replicate and parallel.dp_shard cannot both be -1; set one of them")
         if self.timeout_seconds <= 0:
             raise HainaError(f"parallel.timeout_seconds must be positive, got {self.timeout_seconds}")
+        if self.tp < 1:
+            raise HainaError(f"parallel.tp must be at least 1, got {self.tp}")
+        if self.async_checkpoint and self.checkpoint == "full":
+            raise HainaError("parallel.async_checkpoint writes sharded checkpoints in the background; it needs "
+                             "parallel.checkpoint sharded or auto (with parameters sharded), not full")
 
     def degrees(self, world_size: int) -> tuple[int, int]:
         """(dp_replicate, dp_shard) for `world_size` processes, -1 filled in; a mismatch is a one-line error."""
+        if self.tp > 1:
+            if world_size % self.tp:
+                raise HainaError(f"parallel.tp={self.tp} does not divide the {world_size} processes: the "
+                                 "processes are data-parallel groups of tp ranks each")
+            if self.checkpoint == "sharded" or self.async_checkpoint:
+                raise HainaError("parallel.checkpoint=sharded (and async_checkpoint) does not combine with "
+                                 "parallel.tp yet; tensor-parallel runs write full checkpoints (parallel.checkpoint="
+                                 "auto or full)")
+            dp = ParallelConfig(dp_replicate=self.dp_replicate, dp_shard=self.dp_shard,
+                                mixed_precision=self.mixed_precision)
+            replicate, shard = dp.degrees(world_size // self.tp)
+            if replicate > 1 and shard == 1:
+                raise HainaError(f"parallel.tp={self.tp} with {replicate} data-parallel replicas needs FSDP2 for them: "
+                                 f"set parallel.dp_shard={replicate} (tensor parallelism does not combine with DDP)")
+            return replicate, shard
         replicate, shard = self.dp_replicate, self.dp_shard
         if replicate == -1:
             replicate = world_size // shard if world_size % shard == 0 else -1
@@ -165,7 +201,7 @@ class ParallelConfig:
                              f"not fit {world_size} process{'es' if world_size != 1 else ''}: their product must be "
                              "the number of processes (--nproc N, or torchrun's --nproc-per-node × --nnodes); "
                              "-1 takes what the other leaves")
-        if self.mixed_precision and shard == 1:
+        if self.mixed_precision and shard == 1 and not self.fsdp:
             raise HainaError("parallel.mixed_precision is FSDP's policy and needs parallel.dp_shard > 1; "
                              "with DDP or one process use train.precision=bf16")
         return replicate, shard

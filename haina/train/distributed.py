@@ -23,8 +23,9 @@ Only rank 0 writes (logs, metrics, plots, reports, checkpoints); the others' `ha
 rank stops the job with its one-line error: its peers' collectives fail as soon as its sockets close (gloo)
 or after `parallel.timeout_seconds`, and torchrun stops the rest.
 
-Checkpoints in this version are single files gathered on rank 0 (the format of a one-process run). Sharded
-`torch.distributed.checkpoint` saves, resumable at another world size, are the next step.
+Checkpoints are sharded when parameters are (`haina.train.sharded`: every rank writes its part with
+torch.distributed.checkpoint, and any world size resumes them), and single files gathered on rank 0 otherwise
+(the format of a one-process run); `parallel.checkpoint` chooses.
 """
 
 from __future__ import annotations
@@ -67,6 +68,11 @@ def under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_RANK" in os.environ
 
 
+def restart_count() -> int:
+    """How many times torchrun has restarted this job after a failure (`--max-restarts`); 0 on the first try."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+
+
 @dataclass
 class Distributed:
     """This rank's place in the job and the (dp_replicate, dp_shard) mesh it trains on."""
@@ -78,8 +84,17 @@ class Distributed:
     mesh: Any  # torch.distributed.device_mesh.DeviceMesh
     replicate: int
     shard: int
+    tp: int = 1  # tensor-parallel ranks per data-parallel group (haina.train.tensor_parallel)
+    fsdp_one: bool = False  # FSDP2 over a shard group of one (parallel.fsdp): to measure what FSDP costs
     mixed_precision: bool = False
     timeout_seconds: float = 600.0
+    sharded_checkpoints: bool = False  # each rank writes its part (haina.train.sharded), not rank 0 the whole
+    checkpoint_group: Any = None  # the process group of background checkpoint writes (parallel.async_checkpoint)
+
+    @property
+    def async_checkpoints(self) -> bool:
+        """Whether sharded checkpoints are written in the background while training goes on."""
+        return self.checkpoint_group is not None
 
     @property
     def is_main(self) -> bool:
@@ -88,31 +103,56 @@ class Distributed:
 
     def describe(self) -> str:
         """'2 ranks, DDP (cpu)' and the like, for the log and the report."""
-        how = ("DDP" if not self.sharded else f"FSDP2 over {self.shard}" if self.replicate == 1
+        how = ("DDP" if not self.fsdp else f"FSDP2 over {self.shard}" if self.replicate == 1
                else f"HSDP: {self.replicate} replicas × FSDP2 over {self.shard}")
-        return f"{self.world_size} ranks, {how} ({self.device.type})"
+        if self.tp > 1:
+            how = f"tensor parallel over {self.tp}" + ("" if self.world_size == self.tp else f", {how}")
+        return f"{self.world_size} rank{'s' if self.world_size != 1 else ''}, {how} ({self.device.type})"
 
     @property
     def sharded(self) -> bool:
-        """Whether parameters are sharded (FSDP2/HSDP) rather than whole on every rank (DDP)."""
-        return self.shard > 1
+        """Whether parameters are split over ranks (FSDP2/HSDP, tensor parallel) rather than whole on each (DDP)."""
+        return self.fsdp or self.tp > 1
+
+    @property
+    def fsdp(self) -> bool:
+        """Whether FSDP2 holds the parameters (sharded over dp_shard ranks, or over one with parallel.fsdp)."""
+        return self.shard > 1 or self.fsdp_one
+
+    @property
+    def dp_size(self) -> int:
+        """Data-parallel ranks: groups that read different rows (the ranks of a tensor-parallel group read the same)."""
+        return self.world_size // self.tp
+
+    @property
+    def dp_rank(self) -> int:
+        """This rank's data-parallel group (tp is the mesh's last, fastest-varying dimension)."""
+        return self.rank // self.tp
 
     # ------------------------------------------------------------- the model
     def parallelize(self, model: nn.Module) -> nn.Module:
         """Apply data parallelism to `model` (on this rank's device); returns the module to train through.
 
-        Sharded: `fully_shard` each block, then the root (embeddings, final norm, head), in place; the
-        returned module is `model` itself. Replicated: a DDP wrapper around `model`.
+        Tensor parallel first (each block's heads and MLP split over the `tp` mesh dimension), then sharded:
+        `fully_shard` each block, then the root (embeddings, final norm, head), in place; the returned module is
+        `model` itself. Replicated: a DDP wrapper around `model`.
         """
-        if self.sharded:
+        if self.tp > 1:
+            from haina.train.tensor_parallel import apply_tensor_parallel
+
+            apply_tensor_parallel(model, self.mesh["tp"])
+        if self.fsdp:
             from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-            mesh = self.mesh if self.replicate > 1 else self.mesh["dp_shard"]  # a 2-D mesh makes FSDP2 do HSDP
+            # A 2-D (replicate, shard) mesh makes FSDP2 do HSDP.
+            mesh = self.mesh["dp_replicate", "dp_shard"] if self.replicate > 1 else self.mesh["dp_shard"]
             policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
                       if self.mixed_precision else MixedPrecisionPolicy())
             for block in model.blocks:
                 fully_shard(block, mesh=mesh, mp_policy=policy)
             fully_shard(model, mesh=mesh, mp_policy=policy)
+            return model
+        if self.tp > 1:  # tensor parallel alone: every rank reads the same rows, there is nothing to average
             return model
         from torch.nn.parallel import DistributedDataParallel
 
@@ -126,16 +166,22 @@ class Distributed:
         Accumulating micro-batches then reduces once per step, not once per micro-batch (DDP's `no_sync`,
         FSDP2's `set_requires_gradient_sync`).
         """
-        if self.sharded:
+        if self.fsdp:
             module.set_requires_gradient_sync(enabled)
+            return contextlib.nullcontext()
+        if self.tp > 1:
             return contextlib.nullcontext()
         return contextlib.nullcontext() if enabled else module.no_sync()
 
     # ------------------------------------------------------------- collectives
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        """`tensor` summed over all ranks (in place; returned for convenience)."""
+        """`tensor` summed over the data-parallel ranks (in place; returned for convenience).
+
+        The ranks of a tensor-parallel group hold the same value (they read the same rows): the sum over all
+        ranks counts it tp times.
+        """
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        return tensor
+        return tensor.div_(self.tp) if self.tp > 1 else tensor
 
     def any_rank(self, *flags: bool) -> list[bool]:
         """Each flag, true if it is true on any rank: decisions every rank must take at the same step."""
@@ -173,6 +219,10 @@ class Distributed:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         self._sharded_again(model)
+        if self.tp > 1:  # gathered, then back from the rows' tensor-parallel order to the model's
+            from haina.train import tensor_parallel
+
+            return tensor_parallel.full_weights(model, model.cfg, self.tp)
         names = model.weights().keys()  # sharded tensors under the saved names (a tied head appears once)
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return {k: full[k] for k in names} if self.is_main else None
@@ -185,6 +235,11 @@ class Distributed:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
         self._sharded_again(model)
+        if self.tp > 1:
+            from haina.train import tensor_parallel
+
+            tensor_parallel.load_full_weights(model, model.cfg, self.tp, weights)
+            return
         # strict=False: a tied head is saved once, as the embedding it shares its tensor with.
         set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
 
@@ -195,6 +250,10 @@ class Distributed:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
         self._sharded_again(model)
+        if self.tp > 1:
+            from haina.train import tensor_parallel
+
+            return tensor_parallel.full_optimizer_state(model, optimizer, model.cfg, self.tp)
         return get_optimizer_state_dict(model, optimizer,
                                         options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
@@ -205,6 +264,11 @@ class Distributed:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         self._sharded_again(model)
+        if self.tp > 1:
+            from haina.train import tensor_parallel
+
+            tensor_parallel.load_full_optimizer_state(model, optimizer, model.cfg, self.tp, state)
+            return
         set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
@@ -268,7 +332,7 @@ def setup(parallel: ParallelConfig, device: str = "auto") -> Distributed | None:
     world = env_world_size()
     with same_on_every_rank():
         replicate, shard = parallel.degrees(world)
-        if world == 1:
+        if world == 1 and not parallel.fsdp:
             return None
         missing = [k for k in ENV if k not in os.environ]
         if missing:
@@ -292,12 +356,19 @@ def setup(parallel: ParallelConfig, device: str = "auto") -> Distributed | None:
                                 device_id=dev if dev.type == "cuda" else None)
     from torch.distributed.device_mesh import init_device_mesh
 
-    mesh = init_device_mesh(dev.type, (replicate, shard), mesh_dim_names=("dp_replicate", "dp_shard"))
+    # tp last: a tensor-parallel group's ranks are neighbours (the GPUs of one machine, on fast links).
+    mesh = init_device_mesh(dev.type, (replicate, shard, parallel.tp), mesh_dim_names=("dp_replicate", "dp_shard", "tp"))
+    sharded_checkpoints = parallel.tp == 1 and (parallel.checkpoint == "sharded" or (
+        parallel.checkpoint == "auto" and (shard > 1 or parallel.fsdp or parallel.async_checkpoint)))
+    # Background writes get collectives of their own (gloo: DCP's are on CPU tensors), never interleaved with
+    # training's on the default group. Every rank creates it, in the same order.
+    group = dist.new_group(backend="gloo") if parallel.async_checkpoint and sharded_checkpoints else None
     if rank != 0:
         logging.getLogger("haina").setLevel(logging.WARNING)  # one rank tells the story
     return Distributed(rank=rank, local_rank=local_rank, world_size=world, device=dev, mesh=mesh,
-                       replicate=replicate, shard=shard, mixed_precision=parallel.mixed_precision,
-                       timeout_seconds=parallel.timeout_seconds)
+                       replicate=replicate, shard=shard, tp=parallel.tp, mixed_precision=parallel.mixed_precision,
+                       timeout_seconds=parallel.timeout_seconds, fsdp_one=parallel.fsdp,
+                       sharded_checkpoints=sharded_checkpoints, checkpoint_group=group)
 
 
 def teardown() -> None:
@@ -355,8 +426,11 @@ def same_on_every_rank() -> Iterator[None]:
         raise
 
 
-def relaunch(nproc: int, argv: list[str]) -> int:
+def relaunch(nproc: int, argv: list[str], max_restarts: int = 0) -> int:
     """Run `python -m haina ARGV` in `nproc` processes on this machine under torchrun; its exit status.
+
+    `max_restarts`: how often torchrun starts every process again after one fails; the command then resumes
+    from the run's last checkpoint (`restart_count`).
 
     A rank that failed with a haina error printed its line (exit status 2) and that is the job's error;
     any other failure (a signal, a crash) is described in one line here.
@@ -364,13 +438,18 @@ def relaunch(nproc: int, argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
+    if max_restarts:
+        # A restart reusing the rendezvous's store may read the dead ranks' addresses and fail to connect
+        # (pytorch#135712); a store of the ranks' own per attempt avoids it.
+        os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     if "OMP_NUM_THREADS" not in os.environ:
         # torchrun would set 1; on CPU that leaves most cores idle. Share them instead.
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
     # The launcher's own log (its rendezvous, the signals it sends) would bury the ranks' one-line errors.
     for name in ("torch.distributed.elastic", "torch.distributed.run", "torch.distributed.launcher"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
-    args = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}", "--module", "haina", *argv])
+    args = get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc}",
+                                         f"--max-restarts={max_restarts}", "--module", "haina", *argv])
     try:
         run(args)
     except ChildFailedError as e:
@@ -383,4 +462,4 @@ def relaunch(nproc: int, argv: list[str]) -> int:
 
 
 __all__ = ["Distributed", "GatheredModel", "QuietLog", "RankRows", "env_rank", "env_world_size", "lost_peer",
-           "relaunch", "same_on_every_rank", "session", "setup", "teardown", "under_torchrun"]
+           "relaunch", "restart_count", "same_on_every_rank", "session", "setup", "teardown", "under_torchrun"]

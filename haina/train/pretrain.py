@@ -116,7 +116,7 @@ def claim_run_dir(out: Path, command: str, *, inputs: list[str], resume: bool, o
 
 
 def pretrain(config: str, data: str | None = None, out: str | None = None, resume: bool = False,
-             overwrite: bool = False, objective: Objective | None = None, nproc: int = 1,
+             overwrite: bool = False, objective: Objective | None = None, nproc: int = 1, max_restarts: int = 0,
              overrides: list[str] = ()) -> int:
     """Pretrain a Transformer from a YAML recipe, with dotted overrides.
 
@@ -129,7 +129,8 @@ def pretrain(config: str, data: str | None = None, out: str | None = None, resum
 
     Data parallel on one machine: --nproc N starts N processes under torchrun (DDP; --parallel.dp_shard N
     shards the model with FSDP2). On several machines, start `torchrun … -m haina pretrain …` on each. The
-    global batch is processes × train.batch_size × train.grad_accum; only rank 0 writes.
+    global batch is processes × train.batch_size × train.grad_accum; only rank 0 writes. When torchrun restarts
+    a failed job (--max-restarts), every process continues from the run's last checkpoint.
 
     Args:
         config: recipe YAML file, or the name of a bundled recipe (shakespeare-char, gpt2-124m, quickstart,
@@ -141,12 +142,26 @@ def pretrain(config: str, data: str | None = None, out: str | None = None, resum
         objective: clm (next token, a causal model) or mlm (BERT's masked tokens, an encoder: model.causal false);
             overrides train.objective.
         nproc: processes on this machine, one per GPU (or sharing the CPU cores): launches torchrun.
+        max_restarts: with --nproc, how often torchrun restarts the job after a process fails (torchrun's
+            --max-restarts); each restart resumes from the last checkpoint, so set train.save_every.
     """
-    if nproc < 1:
-        raise HainaError(f"--nproc must be at least 1, got {nproc}")
+    if nproc < 1 or max_restarts < 0:
+        raise HainaError(f"--nproc must be at least 1 and --max-restarts at least 0, got {nproc} and {max_restarts}")
+    if max_restarts and nproc == 1:
+        raise HainaError("--max-restarts restarts the processes that --nproc starts; under your own torchrun, pass "
+                         "torchrun's --max-restarts")
+    if distributed.restart_count() > 0:
+        # torchrun started the job again after a process failed: continue the run, never start it over.
+        resume, overwrite = True, False
+        if distributed.env_rank() == 0:
+            info(f"restart {distributed.restart_count()} of this job: resuming from the last checkpoint")
     with distributed.same_on_every_rank():  # under torchrun, every rank reads the same recipe
         cfg = load_pretrain_config(config, data=data, out=out, resume=resume, overrides=overrides,
                                    objective=objective)
+        if cfg.parallel.tp > 1:  # heads and MLP width must split evenly: one line before any process starts
+            from haina.train.tensor_parallel import check_tensor_parallel
+
+            check_tensor_parallel(cfg.model, cfg.parallel.tp)
     if nproc > 1:
         if distributed.under_torchrun():
             raise HainaError("--nproc starts torchrun itself; under torchrun leave it out (torchrun's "
@@ -155,7 +170,7 @@ def pretrain(config: str, data: str | None = None, out: str | None = None, resum
         argv = [config, *(["--data", data] if data else []), *(["--out", out] if out else []),
                 *(["--resume"] if resume else []), *(["--overwrite"] if overwrite else []),
                 *(["--objective", objective] if objective else []), *(f"--{o}" for o in overrides)]
-        return distributed.relaunch(nproc, ["pretrain", "--config", *argv])
+        return distributed.relaunch(nproc, ["pretrain", "--config", *argv], max_restarts=max_restarts)
     with distributed.session(cfg.parallel, cfg.train.device) as dist:
         report = run_pretrain(cfg, claim=True, overwrite=overwrite, dist=dist)
     if dist is not None and not dist.is_main:
@@ -194,14 +209,18 @@ def run_pretrain(cfg: PretrainConfig, tokenizer: Tokenizer | None = None, *, cla
         train, val, tokenizer = _open_data(cfg, tokenizer)
         if claim:
             claim_run(cfg, overwrite=overwrite, check_only=dist is not None)
+    out = Path(cfg.out or "runs/pretrain")
     if dist is not None:
         if claim:
             dist.barrier()  # every rank has checked --out before rank 0 claims it
             if dist.is_main:
                 claim_run(cfg, overwrite=overwrite)
             dist.barrier()
-        train = distributed.RankRows(train, dist.rank, dist.world_size)  # each rank its rows of the global batch
-    out = Path(cfg.out or "runs/pretrain")
+            if read_manifest(out) is None:  # another machine's rank 0 claimed it on a disk this one cannot see
+                raise HainaError(f"this machine does not see the run directory {out} that rank 0 created; --out "
+                                 "must be on a filesystem every machine shares, at the same path")
+        # Each data-parallel group its rows of the global batch (a tensor-parallel group's ranks read the same).
+        train = distributed.RankRows(train, dist.dp_rank, dist.dp_size)
     seed_everything(cfg.train.seed)  # before building the model: its initialization is part of the run
     model = Transformer(cfg.model)
     config = {**cfg.to_dict(), "out": str(out)}

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from haina.core.io import atomic_path, write_text
+from haina.core.io import atomic_path, write_json, write_text
 from haina.core.log import JsonlLogger, info
 from haina.train import checkpoint as ckpt
 from haina.train.flops import mfu
@@ -159,4 +159,37 @@ def run_report(trainer: Trainer, *, final_val: float | None, stopped: str, wall_
     return report
 
 
-__all__ = ["OUTPUTS", "RunLog", "RunStart", "clear_previous_run", "plot_losses", "run_report"]
+def log_train(t: Trainer, log: RunLog, bar: Any, lr: float, out: dict[str, Any], loss_sum: float, loss_steps: int,
+              skipped: int, mark_time: float, mark_tokens: int, max_steps: int) -> None:
+    """One train record: the mean loss of the applied steps since the last one, throughput, MFU."""
+    loss = loss_sum / loss_steps if loss_steps else None
+    now = time.perf_counter()
+    t.train_seconds += now - mark_time
+    tps = (t.tokens_seen - mark_tokens) / max(now - mark_time, 1e-9)
+    rec = {"step": t.step, "loss": loss, "lr": lr, "tokens": t.tokens_seen, "tokens_per_sec": tps,
+           "mfu": mfu(tps, t.flops_per_token, t.peak_flops),
+           "grad_norm": out["grad_norm"] if math.isfinite(out["grad_norm"]) else None}
+    if skipped:
+        rec["skipped"] = skipped
+    log.log(rec, "train")
+    loss_text = "-" if loss is None else f"{loss:.4f}"
+    bar.set_postfix(loss=loss_text, lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", refresh=False)
+    if bar.disable:
+        info(f"step {t.step}/{max_steps}: loss {loss_text}, lr {lr:.2e}, {tps:,.0f} tok/s, mfu {rec['mfu']:.1%}")
+
+
+def finish_run(t: Trainer, log: RunLog, *, final_val: float | None, stopped: str, wall_start: float,
+               start: RunStart, max_steps: int) -> dict[str, Any]:
+    """Write report.json (`run_report`) and the loss curve (rank 0); return the report."""
+    report = run_report(t, final_val=final_val, stopped=stopped, wall_start=wall_start, start=start,
+                        max_steps=max_steps)
+    if t.is_main:
+        write_json(t.run_dir / "report.json", report)
+        plot_losses(log.history, t.run_dir / "loss.png", title=f"{t.model.num_params() / 1e6:.2f}M parameters")
+    val_text = f", {t.selection_label} {final_val:.4f}" if final_val is not None else ""
+    info(f"done: {t.step} steps ({stopped}){val_text}, {report['tokens_per_sec']:,.0f} tok/s; report "
+         f"{t.run_dir / 'report.json'}")
+    return report
+
+
+__all__ = ["OUTPUTS", "RunLog", "RunStart", "clear_previous_run", "finish_run", "log_train", "plot_losses", "run_report"]

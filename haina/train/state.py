@@ -29,14 +29,17 @@ def capture_state(trainer: Trainer) -> dict[str, Any]:
         "format": STATE_FORMAT, "step": t.step, "tokens_seen": t.tokens_seen, "targets_seen": t.targets_seen,
         "best_val_loss": t.best_val_loss, "bad_evals": t.bad_evals,
         "initial_val_loss": t.initial_val_loss, "train_seconds": t.train_seconds,
-        "optimizer": (t.optimizer.state_dict() if t.dist is None
-                      else t.dist.optimizer_state(t.model, t.optimizer)),  # sharded: gathered
         "schedule": t.schedule.state_dict(),
         "rng": ckpt.capture_rng(), "data_generator": t.generator.get_state(),
         "guard": t.guard.state_dict(), "settled_steps": t.settled_steps,
     }
     if t.scaler is not None:
         state["scaler"] = t.scaler.state_dict()
+    if t.dist is not None and t.dist.sharded_checkpoints:
+        state["optimizer_in_shards"] = True  # each rank writes its part with the weights (haina.train.sharded)
+        return state
+    # Otherwise rank 0 writes it whole; sharded parameters' state is gathered.
+    state["optimizer"] = t.optimizer.state_dict() if t.dist is None else t.dist.optimizer_state(t.model, t.optimizer)
     if t.dist is not None and t.dist.sharded:
         state["optimizer_by_name"] = True  # get_optimizer_state_dict's layout: parameters by name, not index
     return state
@@ -53,12 +56,14 @@ def restore_state(trainer: Trainer, state: dict[str, Any]) -> None:
     t.initial_val_loss = state["initial_val_loss"]
     t.train_seconds = float(state["train_seconds"])
     by_name = t.dist is not None and t.dist.sharded
-    if bool(state.get("optimizer_by_name")) != by_name:
-        raise HainaError("cannot resume: the checkpoint's optimizer state was saved "
+    if state.get("optimizer_in_shards"):
+        pass  # read with the weights, by every rank (`haina.train.sharded.load_shards`)
+    elif bool(state.get("optimizer_by_name")) != by_name:
+        raise HainaError("cannot resume: the checkpoint's optimizer state was saved whole "
                          f"{'with' if state.get('optimizer_by_name') else 'without'} FSDP sharding and this run "
                          f"is {'' if by_name else 'not '}sharded; resume with the parallel.dp_shard it was saved "
-                         "with (resuming across layouts comes with sharded checkpoints)")
-    if t.dist is None:
+                         "with (sharded checkpoints, parallel.checkpoint=sharded, resume at any layout)")
+    elif t.dist is None:
         t.optimizer.load_state_dict(state["optimizer"])
     else:
         t.dist.load_optimizer_state(t.model, t.optimizer, state["optimizer"])

@@ -44,20 +44,21 @@ from tqdm import tqdm
 from haina.core.config import to_dict
 from haina.core.device import attention_kernel, autocast, peak_flops, resolve_device
 from haina.core.errors import HainaError
-from haina.core.io import write_json, write_yaml
+from haina.core.io import write_yaml
 from haina.core.log import info, progress
 from haina.core.seed import seed_everything
-from haina.model.checkpoint import read_weights, save_model
+from haina.model.checkpoint import SHARDS, read_weights, save_model
 from haina.model.packed import pack_linears
 from haina.model.transformer import Transformer, lm_loss
 from haina.tokenizer import Tokenizer
 from haina.train import checkpoint as ckpt
+from haina.train import sharded
 from haina.train.config import TrainConfig
 from haina.train.distributed import Distributed, GatheredModel, QuietLog
-from haina.train.flops import flops_per_token, matmul_params, mfu
+from haina.train.flops import flops_per_token, matmul_params
 from haina.train.guard import StepGuard, StopSignals
-from haina.train.optim import build_adamw
-from haina.train.report import RunLog, RunStart, clear_previous_run, plot_losses, run_report
+from haina.train.optim import build_adamw, clip_gradients
+from haina.train.report import RunLog, RunStart, clear_previous_run, finish_run, log_train
 from haina.train.schedule import LRSchedule
 from haina.train.state import capture_state, check_architecture, restore_state
 
@@ -104,7 +105,7 @@ class Trainer:
         self.train_data, self.val_data, self.tokenizer = train_data, val_data, tokenizer
         self.config = config if config is not None else {"model": model.cfg.to_dict(), "train": to_dict(cfg)}
         self.dist, self.is_main = dist, dist is None or dist.is_main
-        self.world_size = 1 if dist is None else dist.world_size
+        self.world_size = 1 if dist is None else dist.dp_size  # ranks reading different rows
         self.device = resolve_device(cfg.device) if dist is None else dist.device
         if cfg.precision == "fp16" and (self.device.type != "cuda" or (dist is not None and dist.sharded)):
             raise HainaError("train.precision=fp16 needs CUDA and no FSDP (it relies on a grad scaler); use bf16 "
@@ -122,6 +123,8 @@ class Trainer:
         # `self.wrapped`; saving reads `self.model` (gathered onto rank 0 when sharded).
         self.wrapped: nn.Module = self.model if dist is None else dist.parallelize(self.model)
         self._gathered: dict[str, torch.Tensor] | None = None  # a sharded model's whole weights while saving
+        self._shards: Path | None = None  # every rank's part of a sharded checkpoint, while saving
+        self._pending: sharded.PendingShards | None = None  # a checkpoint being written in the background
         # Forward passes go through `self.forward_model` (compiled or not).
         if cfg.attention != "auto" and self.device.type != "cuda":
             raise HainaError(f"train.attention={cfg.attention} selects a CUDA attention kernel; on "
@@ -157,7 +160,8 @@ class Trainer:
     def build_optimizer(self) -> torch.optim.Optimizer:
         c = self.cfg
         return build_adamw(self.trainable_parameters(), lr=c.lr, weight_decay=c.weight_decay,
-                           betas=(c.beta1, c.beta2), eps=c.eps, device=self.device)
+                           betas=(c.beta1, c.beta2), eps=c.eps, device=self.device,
+                           by_mesh=self.dist is not None and self.dist.tp > 1)
 
     def next_batch(self) -> Batch:
         """The next training micro-batch, on the device."""
@@ -251,13 +255,8 @@ class Trainer:
 
     def clip_gradients(self) -> torch.Tensor:
         """Clip the gradients to train.grad_clip (0: leave them); returns their global norm before clipping."""
-        if self.cfg.grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
-        else:
-            grads = [p.grad for p in self.params if p.grad is not None]
-            norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
-        # FSDP2's gradients are DTensors, and so is their norm (already over all shards): the log needs a number.
-        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        return clip_gradients(self.params, self.cfg.grad_clip, self.device,
+                              mixed=self.dist is not None and self.dist.tp > 1)
 
     # ----------------------------------------------------------------- evaluation
     @torch.no_grad()
@@ -296,14 +295,19 @@ class Trainer:
 
     def _load_checkpoint(self, path: Path) -> None:
         check_architecture(self.model.cfg, path)
-        self.read_weights(path)
+        if sharded.holds_shards(path):  # each rank reads its part, whatever world size wrote them
+            sharded.load_shards(path, self.model, self.optimizer)
+        else:
+            self.read_weights(path)
         self.load_state_dict(ckpt.load_state(path))
 
     def write_weights(self, directory: Path) -> None:
         """Write the model's part of a checkpoint (weights, config.yaml, tokenizer) into `directory`."""
         model = self.model if self._gathered is None else GatheredModel(self.model.cfg, self._gathered)
-        save_model(directory, model, self.tokenizer,
-                   extra_config={k: v for k, v in self.config.items() if k != "model"}, checksums=False)
+        save_model(directory, model, self.tokenizer, extra_config={k: v for k, v in self.config.items() if k != "model"},
+                   checksums=False, weights=self._shards is None)
+        if self._shards is not None:  # every rank wrote its part beside; it moves in with the rest
+            self._shards.rename(directory / SHARDS)
 
     def read_weights(self, checkpoint: Path) -> None:
         """Load the model's part of a checkpoint that `write_weights` wrote."""
@@ -321,6 +325,7 @@ class Trainer:
         checkpoint and the bad step is skipped rather than replayed.
         """
         bad_step = self.step + 1
+        self.finish_checkpoint()
         path = ckpt.latest_checkpoint(self.run_dir)
         self.guard.rolled_back(bad_step, None if path is None else int(path.name.removeprefix("step-")))  # or raises
         keep = self.generator.get_state(), self.guard.state_dict(), self.train_seconds, self.settled_steps
@@ -337,28 +342,49 @@ class Trainer:
         """Write a checkpoint of this step; a failed write (a full disk) stops the run with one line.
 
         Distributed, every rank takes part (a sharded model's weights and optimizer state are gathered onto
-        rank 0), rank 0 alone writes, and the others wait for it: they may read the checkpoint next (a rollback).
+        rank 0, or each rank writes its shards), rank 0 alone writes the rest, and the others wait for it: they
+        may read the checkpoint next (a rollback). With parallel.async_checkpoint the shards are written in the
+        background while training goes on, and the checkpoint appears when they are (`finish_checkpoint`).
         """
+        step = self.step
         try:
+            self.finish_checkpoint()  # the previous background save, if any: one at a time
             state = self.state_dict()
-            if self.dist is not None and self.dist.sharded:
+            if self.dist is not None and self.dist.async_checkpoints:
+                self._pending = sharded.PendingShards(self.run_dir, step, self.model, self.optimizer, self.dist,
+                                                      state=state, val_loss=val_loss)
+                return ckpt.checkpoints_dir(self.run_dir) / ckpt.step_name(step)
+            if self.dist is not None and self.dist.sharded_checkpoints:
+                self._shards = sharded.stage_shards(self.run_dir, step, self.model, self.optimizer, self.dist)
+            elif self.dist is not None and self.dist.sharded:
                 self._gathered = self.dist.full_weights(self.model)
-            try:
-                if self.is_main:
-                    ckpt.save_checkpoint(self.run_dir, step=self.step, write_weights=self.write_weights, state=state,
-                                         val_loss=val_loss, keep_last=self.cfg.keep_last)
-            finally:
-                self._gathered = None
-            if self.dist is not None:
-                self.dist.barrier()
-            self.can_roll_back = True
-            return ckpt.checkpoints_dir(self.run_dir) / ckpt.step_name(self.step)
+            self._publish(step, state, val_loss)
+            return ckpt.checkpoints_dir(self.run_dir) / ckpt.step_name(step)
         except OSError as e:
             latest = (ckpt.read_index(self.run_dir) or {}).get("latest")
             kept = f"{latest} is still the latest checkpoint, intact" if latest else "there is no earlier checkpoint"
-            raise HainaError(f"could not write checkpoint {ckpt.step_name(self.step)} in "
+            raise HainaError(f"could not write checkpoint {ckpt.step_name(step)} in "
                              f"{ckpt.checkpoints_dir(self.run_dir)} ({e.strerror or e}); training stopped at step "
                              f"{self.step} and {kept}; make room and continue with --resume") from None
+
+    def _publish(self, step: int, state: dict[str, Any], val_loss: float | None) -> None:
+        """Rank 0 builds checkpoint `step` around what the ranks wrote and indexes it; the others wait."""
+        try:
+            if self.is_main:
+                ckpt.save_checkpoint(self.run_dir, step=step, write_weights=self.write_weights, state=state,
+                                     val_loss=val_loss, keep_last=self.cfg.keep_last)
+        finally:
+            self._gathered, self._shards = None, sharded.discard_staged(self._shards, self.is_main)
+        if self.dist is not None:
+            self.dist.barrier()
+        self.can_roll_back = True
+
+    def finish_checkpoint(self) -> None:
+        """Wait for a checkpoint being written in the background, then publish it (a no-op without one)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            self._shards = pending.wait()  # every rank's shards are on disk
+            self._publish(pending.step, pending.state, pending.val_loss)
 
     # ----------------------------------------------------------------- the loop
     def fit(self) -> dict[str, Any]:
@@ -433,8 +459,8 @@ class Trainer:
                         if max_steps < cfg.max_steps:
                             stopped = "max_minutes"
                     if self.step % cfg.log_every == 0 or self.step == max_steps:
-                        self._log_train(log, bar, say, lr, out, loss_sum, loss_steps, skipped, mark_time, mark_tokens,
-                                        max_steps)
+                        log_train(self, log, bar, lr, out, loss_sum, loss_steps, skipped, mark_time, mark_tokens,
+                                  max_steps)
                         loss_sum, loss_steps, skipped = 0.0, 0, 0
                         mark_time, mark_tokens = time.perf_counter(), self.tokens_seen
                     bar.update(1)
@@ -473,30 +499,14 @@ class Trainer:
                     final_val = self._val_loss_now(last_eval, log)
                 if last_save != self.step:
                     self.save(final_val)
+                self.finish_checkpoint()  # the run ends with its last checkpoint on disk
                 if interrupted:
                     say(f"{received} received: stopped at step {self.step} with a checkpoint; continue with --resume")
         finally:
             bar.close()
             log.close()
-        return self._finish(log, final_val, stopped, wall_start, start, max_steps)
-
-    def _log_train(self, log: RunLog, bar, say, lr: float, out: dict[str, Any], loss_sum: float, loss_steps: int,
-                   skipped: int, mark_time: float, mark_tokens: int, max_steps: int) -> None:
-        """One train record: the mean loss of the applied steps since the last one, throughput, MFU."""
-        loss = loss_sum / loss_steps if loss_steps else None
-        now = time.perf_counter()
-        self.train_seconds += now - mark_time
-        tps = (self.tokens_seen - mark_tokens) / max(now - mark_time, 1e-9)
-        rec = {"step": self.step, "loss": loss, "lr": lr, "tokens": self.tokens_seen, "tokens_per_sec": tps,
-               "mfu": mfu(tps, self.flops_per_token, self.peak_flops),
-               "grad_norm": out["grad_norm"] if math.isfinite(out["grad_norm"]) else None}
-        if skipped:
-            rec["skipped"] = skipped
-        log.log(rec, "train")
-        loss_text = "-" if loss is None else f"{loss:.4f}"
-        bar.set_postfix(loss=loss_text, lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", refresh=False)
-        if bar.disable:
-            info(f"step {self.step}/{max_steps}: loss {loss_text}, lr {lr:.2e}, {tps:,.0f} tok/s, mfu {rec['mfu']:.1%}")
+        return finish_run(self, log, final_val=final_val, stopped=stopped, wall_start=wall_start, start=start,
+                          max_steps=max_steps)
 
     # ----------------------------------------------------------------- helpers
     def _fit_to_budget(self, max_steps: int, wall_start: float, loop_start: float, loop_step: int,
@@ -522,7 +532,8 @@ class Trainer:
             # On CPU the peak is measured with random matrices; forking keeps that from consuming the
             # global RNG, which dropout draws from (a resumed run would otherwise diverge).
             with torch.random.fork_rng(devices=[]):
-                self._peak = peak_flops(self.device, self.cfg.precision) * self.world_size  # tokens/s are every rank's
+                # tokens/s are every rank's; every device (tensor-parallel ones too) counts for the peak.
+                self._peak = peak_flops(self.device, self.cfg.precision) * (self.dist.world_size if self.dist else 1)
         return self._peak
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
@@ -578,20 +589,6 @@ class Trainer:
                  "tokens": self.tokens_seen}, "val")
         say(f"step {self.step}: val loss {val:.4f} (perplexity {math.exp(min(val, 50.0)):.2f})")
         return val
-
-    def _finish(self, log: RunLog, final_val: float | None, stopped: str, wall_start: float, start: RunStart,
-                max_steps: int) -> dict[str, Any]:
-        """Write report.json (`haina.train.report.run_report`) and the loss curve; return the report."""
-        report = run_report(self, final_val=final_val, stopped=stopped, wall_start=wall_start, start=start,
-                            max_steps=max_steps)
-        if self.is_main:
-            write_json(self.run_dir / "report.json", report)
-            plot_losses(log.history, self.run_dir / "loss.png",
-                        title=f"{self.model.num_params() / 1e6:.2f}M parameters")
-        val_text = f", {self.selection_label} {final_val:.4f}" if final_val is not None else ""
-        info(f"done: {self.step} steps ({stopped}){val_text}, {report['tokens_per_sec']:,.0f} tok/s; report "
-             f"{self.run_dir / 'report.json'}")
-        return report
 
 
 __all__ = ["BatchSource", "Trainer", "next_token_loss"]

@@ -22,7 +22,7 @@ def test_bytes_equal_the_formula_and_the_allocation(kw, dtype):
 
 def test_engine_cache_is_sized_by_batch_and_context():
     cfg = ModelConfig.from_name("tiny", vocab_size=64, n_layer=2, n_embd=64, n_kv_head=2)
-    engine = Engine(Transformer(cfg), max_batch_size=5, max_seq_len=100)
+    engine = Engine(Transformer(cfg), max_batch_size=5, max_seq_len=100, kv_cache="fixed")
     assert engine.cache.bytes == 2 * 2 * 2 * 16 * 5 * 100 * 4
 
 

@@ -265,7 +265,7 @@ def test_the_engine_through_the_static_step_gives_its_own_tokens(name):
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11], [12, 13], [14, 15, 16, 17, 18]]
     greedy = [SamplingParams(temperature=0, max_new_tokens=n) for n in (20, 7, 30, 12, 25)]
     seeded = SamplingParams(temperature=0.8, top_k=20, max_new_tokens=15, seed=3)
-    engine = Engine(model, max_batch_size=3)  # five prompts in three slots: rows leave and join
+    engine = Engine(model, max_batch_size=3, kv_cache="fixed")  # five prompts, three slots: rows leave and join
     if not hasattr(engine, "_graphs"):
         pytest.skip("this engine does not call DecodeGraphs yet (Engine._graphs)")
     engine._graphs = DecodeGraphs(model, engine.cache, engine._head, use_graphs=False)

@@ -33,13 +33,21 @@ def test_a_queue_of_zero_is_refused(tiny_ckpt):
     assert r.returncode != 0 and "--max-queue must be at least 1" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_a_kv_budget_on_the_fixed_cache_is_refused(tiny_ckpt):
+    r = subprocess.run([sys.executable, "-m", "haina.cli", "serve", "--checkpoint", str(tiny_ckpt), "--kv-cache",
+                        "fixed", "--kv-budget-mb", "1"], capture_output=True, text=True, timeout=60, check=False)
+    assert r.returncode == 2 and r.stderr.startswith("error: kv_budget_mb bounds the paged KV cache")
+    assert r.stderr.count("\n") == 1
+
+
 def test_serve_subprocess_answers_and_stops(tiny_ckpt, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = (tmp_path / "serve.log").open("w+")
     proc = subprocess.Popen([sys.executable, "-m", "haina.cli", "serve", "--checkpoint", str(tiny_ckpt), "--port",
-                             str(port), "--max-batch-size", "2", "--threads", "1", "--api-key", "k"],
+                             str(port), "--max-batch-size", "2", "--threads", "1", "--api-key", "k",
+                             "--kv-budget-mb", "1"],  # a paged KV cache within a budget
                             stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -8,7 +8,6 @@ this file instead, which swaps the pretraining command's `Trainer` for a subclas
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -16,27 +15,17 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
-from train_fixtures import text_dataset
+from train_fixtures import DIST_RECIPE, DIST_STEPS, assert_same_trajectory, dist_env, one_process_run, recipe_setup
 
 from haina.core.errors import HainaError
 from haina.train.config import ParallelConfig
-from haina.train.pretrain import load_pretrain_config, run_pretrain
 
-STEPS = 20
-RECIPE = {
-    "model": {"preset": "tiny", "vocab_size": 64, "block_size": 32, "n_layer": 2, "n_head": 2, "n_embd": 32,
-              "dropout": 0.0},
-    "data": {"dir": "unused"},
-    # batch_size is per rank: 2 ranks × 2 rows make the global batch of 4 the one-process reference uses.
-    "train": {"batch_size": 2, "max_steps": STEPS, "warmup_steps": 2, "lr": 3e-3, "eval_every": 100,
-              "eval_batches": 1, "log_every": 1, "save_every": 0, "device": "cpu", "tensorboard": False, "seed": 7},
-}
+STEPS = DIST_STEPS
+RECIPE = DIST_RECIPE
 
 
-def env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1"}  # two ranks on a 2-core runner
+env = dist_env
 
 
 def torchrun(*args, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -50,38 +39,19 @@ def pretrain_2(setup, out: Path, *overrides: str) -> subprocess.CompletedProcess
     return torchrun("-m", "haina", "pretrain", "--config", recipe, "--data", data, "--out", out, *overrides)
 
 
-def train_losses(run: Path) -> list[float]:
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in records if "loss" in r]
-
-
 def final_weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(run / "checkpoints" / f"step-{STEPS:07d}" / "model.safetensors")
 
 
-def assert_same_trajectory(a: Path, b: Path, tol: float = 1e-5) -> None:
-    la, lb = train_losses(a), train_losses(b)
-    assert len(la) == len(lb) == STEPS
-    worst = max(abs(x - y) for x, y in zip(la, lb))
-    assert worst <= tol, f"loss trajectories differ by {worst:.3g}:\n{la}\n{lb}"
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dist")
-    data, _ = text_dataset(root)
-    recipe = root / "tiny-dist.yaml"
-    recipe.write_text(yaml.safe_dump(RECIPE))
-    return root, data, recipe
+    return recipe_setup(tmp_path_factory.mktemp("dist"), RECIPE)
 
 
 @pytest.fixture(scope="module")
 def one_process(setup):
     """The reference: one process with the global batch (2 ranks × 2 rows)."""
-    root, data, recipe = setup
-    cfg = load_pretrain_config(str(recipe), data=str(data), out=str(root / "one"), overrides=["train.batch_size=4"])
-    run_pretrain(cfg, claim=True)
-    return root / "one"
+    return one_process_run(setup)
 
 
 @pytest.fixture(scope="module")
@@ -118,10 +88,10 @@ def test_fsdp2_with_accumulation_and_checkpointing_matches_ddp(setup, ddp):
     """FSDP2 over 2 ranks, 1 row × 2 micro-batches, activation checkpointing: the DDP run's trajectory."""
     root = setup[0]
     r = pretrain_2(setup, root / "fsdp", "--parallel.dp_shard=2", "--train.batch_size=1", "--train.grad_accum=2",
-                   "--train.activation_checkpointing=true")
+                   "--train.activation_checkpointing=true", "--parallel.checkpoint=full")
     assert r.returncode == 0, r.stderr
     assert_same_trajectory(root / "fsdp", ddp[0])
-    # The checkpoint is one plain file gathered on rank 0, the same as DDP's.
+    # Asked for full checkpoints (sharded ones are test_sharded_checkpoints.py's): one plain file gathered on rank 0.
     a, b = final_weights(ddp[0]), final_weights(root / "fsdp")
     assert a.keys() == b.keys()
     for k in a:

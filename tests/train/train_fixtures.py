@@ -78,3 +78,56 @@ def text_dataset(root: Path, text: str | None = None, val_fraction: float = 0.1,
     if save_tokenizer:
         tok.save(data / "tokenizer")
     return data, tok
+
+
+# ----------------------------------------------------------------- distributed jobs
+# The tiny job of the torchrun tests (test_distributed, test_multinode, test_sharded_checkpoints, test_tp_pretrain):
+# batch_size is per rank, so 2 ranks × 2 rows make the global batch of 4 that the one-process reference uses.
+DIST_STEPS = 20
+DIST_RECIPE = {
+    "model": {"preset": "tiny", "vocab_size": 64, "block_size": 32, "n_layer": 2, "n_head": 2, "n_embd": 32,
+              "dropout": 0.0},
+    "data": {"dir": "unused"},
+    "train": {"batch_size": 2, "max_steps": DIST_STEPS, "warmup_steps": 2, "lr": 3e-3, "eval_every": 100,
+              "eval_batches": 1, "log_every": 1, "save_every": 0, "device": "cpu", "tensorboard": False, "seed": 7},
+}
+
+
+def recipe_setup(root: Path, recipe: dict) -> tuple[Path, Path, Path]:
+    """(root, the text dataset's shard directory, the recipe written as ROOT/recipe.yaml)."""
+    import yaml
+
+    data, _ = text_dataset(root)
+    path = root / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return root, data, path
+
+
+def dist_env() -> dict[str, str]:
+    import os
+
+    return {**os.environ, "OMP_NUM_THREADS": "1"}  # two ranks on a 2-core runner
+
+
+def train_losses(run: Path) -> list[float]:
+    """The logged training loss of every step of a run."""
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in records if "loss" in r]
+
+
+def assert_same_trajectory(a: Path, b: Path, steps: int = DIST_STEPS, tol: float = 1e-5) -> None:
+    la, lb = train_losses(a), train_losses(b)
+    assert len(la) == len(lb) == steps, (la, lb)
+    worst = max(abs(x - y) for x, y in zip(la, lb))
+    assert worst <= tol, f"loss trajectories differ by {worst:.3g}:\n{la}\n{lb}"
+
+
+def one_process_run(setup: tuple[Path, Path, Path], name: str = "one", *overrides: str) -> Path:
+    """The reference run: one process with the global batch of 4 rows (2 ranks × 2), in ROOT/NAME."""
+    from haina.train.pretrain import load_pretrain_config, run_pretrain
+
+    root, data, recipe = setup
+    cfg = load_pretrain_config(str(recipe), data=str(data), out=str(root / name),
+                               overrides=["train.batch_size=4", *overrides])
+    run_pretrain(cfg, claim=True)
+    return root / name
