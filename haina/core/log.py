@@ -39,6 +39,11 @@ def setup_logging(debug: bool = False) -> None:
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if debug else logging.INFO)
     logger.propagate = False
+    if not debug:
+        # Libraries imported along the way that warn about what they cannot use here: torchao (which transformers
+        # imports when it is installed) about its CUDA kernels on a CPU build, torch about torchao's registrations.
+        for name in ("torchao", "torch.utils._pytree"):
+            logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def info(msg: str) -> None:

@@ -6,7 +6,9 @@ A batch is a dict:
   for one example x = ids[:-1] and y = ids[1:] kept where supervised[1:];
 - `segments` (B, T): each token's document index within its row, -1 for padding (packed batches), or
   None (padded batches, where plain causal attention is right because padding comes last);
-- `tokens`: the real (non-padding) input tokens in the batch.
+- `row_tokens` (B,): each row's real (non-padding) input tokens, and `tokens` their sum over the batch as drawn.
+  The trainer counts `row_tokens`: under torchrun a rank keeps its rows of the global batch (`RankRows`
+  slices the tensors with a row per example), and its share of the tokens must come with them.
 
 T ≤ block_size. As for pretraining shards, all randomness of batch choice comes from the generator passed to
 `get_batch`, so a run resumed with the generator's saved state draws exactly the batches it would have drawn.
@@ -64,22 +66,23 @@ class _Examples:
         y = torch.full((len(pairs), T), IGNORE_INDEX, dtype=torch.long)
         for row, (xi, yi) in enumerate(pairs):
             x[row, :len(xi)], y[row, :len(yi)] = xi, yi
-        return {"x": x, "y": y, "segments": None, "tokens": sum(len(xi) for xi, _ in pairs)}
+        row_tokens = torch.tensor([len(xi) for xi, _ in pairs], dtype=torch.long)
+        return {"x": x, "y": y, "segments": None, "row_tokens": row_tokens, "tokens": int(row_tokens.sum())}
 
     def packed(self, rows: list[list[int]], block_size: int) -> dict:
         """Rows of examples laid end to end in block_size tokens, each row padded at its end."""
         x = torch.full((len(rows), block_size), self.pad_id, dtype=torch.long)
         y = torch.full((len(rows), block_size), IGNORE_INDEX, dtype=torch.long)
         segments = torch.full((len(rows), block_size), -1, dtype=torch.long)
-        tokens = 0
+        row_tokens = torch.zeros(len(rows), dtype=torch.long)
         for r, row in enumerate(rows):
             at = 0
             for doc, i in enumerate(row):
                 xi, yi = self.pair(i, block_size)
                 x[r, at:at + len(xi)], y[r, at:at + len(yi)], segments[r, at:at + len(xi)] = xi, yi, doc
                 at += len(xi)
-            tokens += at
-        return {"x": x, "y": y, "segments": segments, "tokens": tokens}
+            row_tokens[r] = at
+        return {"x": x, "y": y, "segments": segments, "row_tokens": row_tokens, "tokens": int(row_tokens.sum())}
 
     def width(self, i: int, block_size: int) -> int:
         """How many input positions example i takes in a row."""

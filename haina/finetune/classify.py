@@ -40,7 +40,10 @@ from haina.finetune.base import (
     FinetuneTrainer,
     check_out,
     finish_report,
+    is_main,
     load_base,
+    rank_rows,
+    run_command,
     run_config,
     start_run,
     training_block,
@@ -61,6 +64,7 @@ from haina.finetune.config import FinetuneConfig
 from haina.finetune.sft_data import write_rejects
 from haina.model.classifier import Classifier, ClassifierConfig, read_head, save_head
 from haina.train import checkpoint as ckpt
+from haina.train import distributed
 
 Batch = dict[str, Any]
 HEADLINE = ("accuracy", "macro_f1")
@@ -94,6 +98,7 @@ def classification_loss(logits: torch.Tensor, y: torch.Tensor, *, multi_label: b
     return loss.mean()
 
 
+@dataclasses.dataclass
 class ClassifyTrainer(FinetuneTrainer):
     """The loop on a `Classifier`: the Trainer's model is its backbone, and the head trains beside it.
 
@@ -107,16 +112,35 @@ class ClassifyTrainer(FinetuneTrainer):
     def __init__(self, classifier: Classifier, cfg, run_dir, *, class_weights: torch.Tensor | None = None,
                  gamma: float = 0.0, select_metric: str = "val_loss", **kwargs: Any):
         self.classifier = classifier
+        dist = kwargs.get("dist")
         # Before the Trainer builds its optimizer over `trainable_parameters`, which include the head.
-        classifier.head.to(resolve_device(cfg.device))
+        classifier.head.to(resolve_device(cfg.device) if dist is None else dist.device)
         super().__init__(classifier.backbone, cfg, run_dir, **kwargs)
         self.class_weights = None if class_weights is None else class_weights.to(self.device)
         self.gamma, self.select_metric = gamma, select_metric
         if select_metric != "val_loss":
             self.selection_label = f"1 - val {select_metric}"
-        self.forward_classifier = torch.compile(classifier) if cfg.compile else classifier
+        if dist is not None:
+            self.forward_classifier = self.forward_model  # the classifier's DDP module (compiled with train.compile)
+        else:
+            self.forward_classifier = torch.compile(classifier) if cfg.compile else classifier
 
     # ----------------------------------------------------------------- the loop's steps
+    def parallelize(self) -> torch.nn.Module:
+        """DDP around the whole classifier, not the backbone alone (what the Trainer's model is, and saves).
+
+        The head computes outside the backbone, and the forward calls the backbone's `hidden_states`: DDP around
+        the backbone would leave the head's gradients each rank's own and be bypassed by the forward altogether.
+        """
+        if self.dist.sharded:  # `check_parallel` refuses it before any process starts; a caller of the API meets it here
+            raise HainaError("finetune classify trains under DDP only; leave parallel.dp_shard and parallel.tp at 1")
+        backbone = self.classifier.backbone
+        elsewhere = {id(p) for name, m in backbone.named_children() if name != "lm_head" for p in m.parameters()}
+        # The LM head computes nothing here. Trainable and not tied to the embeddings (an untied head, BERT's MLM
+        # head), it gets no gradient, which DDP waits for unless told to look for unused parameters.
+        unused = any(p.requires_grad and id(p) not in elsewhere for p in backbone.lm_head.parameters())
+        return self.dist.ddp(self.classifier, find_unused_parameters=unused)
+
     def trainable_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
         return [*super().trainable_parameters(), *(("head." + n, p) for n, p in self.classifier.head.named_parameters())]
 
@@ -135,7 +159,7 @@ class ClassifyTrainer(FinetuneTrainer):
         return len(batch["lengths"])
 
     def batch_tokens(self, batch: Batch) -> int:
-        return int(batch["tokens"])
+        return int(batch["lengths"].sum())  # this rank's rows: `tokens` counts the whole batch as drawn
 
     def write_weights(self, directory: Path) -> None:
         super().write_weights(directory)  # the backbone, or its adapters (FinetuneTrainer); then the whole head
@@ -263,38 +287,43 @@ def _history(run: Path) -> list[dict[str, Any]]:
     return out
 
 
-def run_classify(cfg: FinetuneConfig, *, overwrite: bool = False) -> dict[str, Any]:
-    """Train a classifier on `cfg.base` with the labeled records of `cfg.data`; returns the run report."""
-    c = cfg.classify
-    if not cfg.data.train:
-        raise HainaError("--data is required: labeled JSONL, CSV, TSV or Parquet files, or a `haina data prepare` "
-                         "output directory")
-    inputs = [*cfg.data.train, *cfg.data.val, *c.test, cfg.base]
-    check_out(cfg, "classify", inputs, overwrite)
-    parsed, source = read_splits(cfg.data.train, cfg.data.val, c.test, text_field=c.text_field,
-                                 label_field=c.label_field, multi_label=c.multi_label)
-    held = _hold_out_missing(parsed, cfg, source)
-    labels = label_map(parsed["train"], c.multi_label, c.label_field)
-    splits: dict[str, Targets] = {s: to_targets(parsed[s], labels, c.multi_label, s) for s in parsed}
+def run_classify(cfg: FinetuneConfig, *, overwrite: bool = False,
+                 dist: distributed.Distributed | None = None) -> dict[str, Any]:
+    """Train a classifier on `cfg.base` with the labeled records of `cfg.data`; returns the run report.
 
-    base = load_base(cfg.base)
-    if base.tokenizer is None:
-        raise HainaError(f"--base {cfg.base} has no tokenizer, so the texts cannot be encoded; give a checkpoint "
-                         "with a tokenizer/ directory")
-    model = base.model
-    block = training_block(cfg, model.cfg.block_size)
-    pooling = c.pooling if c.pooling != "auto" else ("last" if getattr(model.cfg, "causal", True) else "mean")
-    seed_everything(cfg.train.seed)  # the head's initialization is part of the run
-    clf = Classifier(model, ClassifierConfig(labels=labels, multi_label=c.multi_label, pooling=pooling),
-                     base.tokenizer)
-    pad = base.tokenizer.eos_id
-    data: dict[str, ClassBatches | None] = {}
-    truncated: dict[str, int] = {}
-    for name, t in splits.items():
-        ids, truncated[name] = encode_texts(clf, t.texts, block)
-        data[name] = ClassBatches(ids, t.targets, pad, multi_label=c.multi_label,
-                                  sampling=c.sampling if name == "train" else "none", seed=cfg.train.seed) \
-            if ids else None
+    `dist`: this rank's place in a torchrun job (`haina.train.distributed.session`); None for one process.
+    """
+    with distributed.same_on_every_rank():  # every rank reads the same records and base: rank 0 reports a problem
+        c = cfg.classify
+        if not cfg.data.train:
+            raise HainaError("--data is required: labeled JSONL, CSV, TSV or Parquet files, or a `haina data prepare` "
+                             "output directory")
+        inputs = [*cfg.data.train, *cfg.data.val, *c.test, cfg.base]
+        check_out(cfg, "classify", inputs, overwrite)
+        parsed, source = read_splits(cfg.data.train, cfg.data.val, c.test, text_field=c.text_field,
+                                     label_field=c.label_field, multi_label=c.multi_label)
+        held = _hold_out_missing(parsed, cfg, source)
+        labels = label_map(parsed["train"], c.multi_label, c.label_field)
+        splits: dict[str, Targets] = {s: to_targets(parsed[s], labels, c.multi_label, s) for s in parsed}
+
+        base = load_base(cfg.base)
+        if base.tokenizer is None:
+            raise HainaError(f"--base {cfg.base} has no tokenizer, so the texts cannot be encoded; give a checkpoint "
+                             "with a tokenizer/ directory")
+        model = base.model
+        block = training_block(cfg, model.cfg.block_size)
+        pooling = c.pooling if c.pooling != "auto" else ("last" if getattr(model.cfg, "causal", True) else "mean")
+        seed_everything(cfg.train.seed)  # the head's initialization is part of the run
+        clf = Classifier(model, ClassifierConfig(labels=labels, multi_label=c.multi_label, pooling=pooling),
+                         base.tokenizer)
+        pad = base.tokenizer.eos_id
+        data: dict[str, ClassBatches | None] = {}
+        truncated: dict[str, int] = {}
+        for name, t in splits.items():
+            ids, truncated[name] = encode_texts(clf, t.texts, block)
+            data[name] = ClassBatches(ids, t.targets, pad, multi_label=c.multi_label,
+                                      sampling=c.sampling if name == "train" else "none", seed=cfg.train.seed) \
+                if ids else None
     counts = class_counts(splits["train"].targets, labels, c.multi_label)
     weights = class_weights(counts, len(splits["train"].targets), c.multi_label) if c.class_weights == "auto" else None
     imbalance = _imbalance(counts, cfg, weights)
@@ -302,14 +331,15 @@ def run_classify(cfg: FinetuneConfig, *, overwrite: bool = False) -> dict[str, A
         info("no validation records (give --val FILE, or at least 20 training records for a held-out share); "
              "training without evaluation")
 
-    run, base_hash = start_run(cfg, "classify", model, inputs=inputs, overwrite=overwrite)
+    run, base_hash = start_run(cfg, "classify", model, inputs=inputs, overwrite=overwrite, dist=dist)
     info(_imbalance_line(imbalance))
     config = run_config(cfg, model, block, base=base.path, classify={**cfg.to_dict()["classify"], "pooling": pooling})
-    trainer = ClassifyTrainer(clf, dataclasses.replace(cfg.train, block_size=block), run, train_data=data["train"],
-                              val_data=data["val"], tokenizer=base.tokenizer, config=config, lora=cfg.lora,
-                              base_hash=base_hash, base_path=base.path,
+    trainer = ClassifyTrainer(clf, dataclasses.replace(cfg.train, block_size=block), run,
+                              train_data=rank_rows(data["train"], dist), val_data=data["val"], tokenizer=base.tokenizer,
+                              config=config, lora=cfg.lora, base_hash=base_hash, base_path=base.path,
                               class_weights=None if weights is None else torch.tensor(weights),
-                              gamma=c.focal_gamma if c.loss == "focal" else 0.0, select_metric=c.select_metric)
+                              gamma=c.focal_gamma if c.loss == "focal" else 0.0, select_metric=c.select_metric,
+                              dist=dist)
     rejects = [*parsed["train"].rejects, *parsed["val"].rejects, *parsed["test"].rejects,
                *splits["val"].unseen_rejects, *splits["test"].unseen_rejects]
     unseen = {s: dict(sorted(splits[s].unseen.items(), key=lambda kv: (-kv[1], kv[0]))) for s in ("val", "test")}
@@ -321,7 +351,7 @@ def run_classify(cfg: FinetuneConfig, *, overwrite: bool = False) -> dict[str, A
         "rejects_by_reason": dict(Counter(r["reason"] for r in rejects).most_common()),
         "unseen_labels": unseen, "truncated": truncated,
     }
-    if rejects:
+    if rejects and is_main(dist):
         write_rejects(run / "rejects.jsonl", rejects)
         info(f"{len(rejects)} records left out ({_reason_text(data_report['rejects_by_reason'])}); kept with their "
              f"reasons in {run / 'rejects.jsonl'}")
@@ -333,7 +363,7 @@ def run_classify(cfg: FinetuneConfig, *, overwrite: bool = False) -> dict[str, A
     report = trainer.fit()
     return finish_report(run, report, _final(trainer, report, data, run, labels, c.multi_label) | {
         "method": "classify", "base": base.path, "lora": cfg.lora.r > 0, "labels": list(labels),
-        "multi_label": c.multi_label, "pooling": pooling, "imbalance": imbalance, "data": data_report})
+        "multi_label": c.multi_label, "pooling": pooling, "imbalance": imbalance, "data": data_report}, dist)
 
 
 def _final(trainer: ClassifyTrainer, report: dict[str, Any], data: dict[str, ClassBatches | None], run: Path,
@@ -377,7 +407,7 @@ def classify_command(base: str, data: list[str], out: str, config: str | None = 
                      multi_label: bool = False, class_weights: Literal["auto", "none"] = "none",
                      loss: Literal["ce", "focal"] = "ce", sampling: Literal["none", "over", "under"] = "none",
                      folds: int = 0, group_field: str | None = None, resume: bool = False, overwrite: bool = False,
-                     overrides: list[str] = ()) -> None:
+                     nproc: int = 1, max_restarts: int = 0, overrides: list[str] = ()) -> int:
     """Train a text classifier: the base's pooled hidden states into a linear head, all weights or LoRA (--lora.r=8).
 
     Records have a text and a label (a list of labels with --multi-label): JSONL, CSV, TSV or Parquet files, or a
@@ -396,6 +426,8 @@ def classify_command(base: str, data: list[str], out: str, config: str | None = 
     validating on its fold and trained on the others, scored on the shared test split (or, without one, on
     its fold). OUT/report.json and report.md give every metric's mean ± std and per-fold values.
 
+    Data parallel (DDP) with --nproc N (or under torchrun), as `haina finetune sft`; one run, not --folds.
+
     Args:
         base: the model to start from: a haina checkpoint or run directory, or a Hugging Face directory.
         data: labeled .jsonl, .csv, .tsv or .parquet files, or one `haina data prepare` output directory.
@@ -413,7 +445,11 @@ def classify_command(base: str, data: list[str], out: str, config: str | None = 
         group_field: with --folds, the field whose value groups related records: a group never straddles folds.
         resume: continue the run in --out from its latest checkpoint (with --folds: fold by fold).
         overwrite: start over in an existing --out.
+        nproc: processes on this machine, one per GPU (or sharing the CPU cores): launches torchrun.
+        max_restarts: with --nproc, how often torchrun restarts the job after a process fails (resuming from the
+            last checkpoint).
     """
+    args = dict(locals())  # the command's own arguments: --nproc runs them again under torchrun
     from haina.finetune.command import _flags, load_finetune_config
 
     defaults = {"text_field": "text", "label_field": "label", "multi_label": False, "class_weights": "none",
@@ -423,15 +459,23 @@ def classify_command(base: str, data: list[str], out: str, config: str | None = 
     more: dict[str, Any] = {f"classify.{k}": v for k, v in given.items() if v != defaults[k]}
     if test:
         more["classify.test"] = list(test)
-    cfg = load_finetune_config("classify", config, _flags(base, data, out, val, resume, **more), overrides)
+
+    def load(resume: bool) -> FinetuneConfig:
+        return load_finetune_config("classify", config, _flags(base, data, out, val, resume, **more), overrides)
+
     if folds or group_field:
         from haina.finetune.kfold import kfold_summary, run_kfold
 
-        if group_field and not folds:
-            raise HainaError(f"--group-field {group_field} keeps groups within folds; it needs --folds K")
+        with distributed.same_on_every_rank():
+            if nproc > 1 or max_restarts or distributed.env_world_size() > 1:
+                raise HainaError("--folds trains its runs one after another in one process; leave out --nproc and "
+                                 "torchrun (or train each fold's data as its own run)")
+            cfg = load(resume)
+            if group_field and not folds:
+                raise HainaError(f"--group-field {group_field} keeps groups within folds; it needs --folds K")
         kfold_summary(run_kfold(cfg, folds=folds, group_field=group_field, overwrite=overwrite), cfg.out)
-        return
-    _summary(run_classify(cfg, overwrite=overwrite), cfg.out)
+        return 0
+    return run_command(classify_command, args, load, run_classify, lambda report, cfg: _summary(report, cfg.out))
 
 
 def _summary(report: dict[str, Any], out: str | None) -> None:

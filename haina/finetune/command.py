@@ -12,6 +12,7 @@ from typing import Any
 from haina.core.config import load_yaml, merge, parse_overrides
 from haina.core.errors import HainaError
 from haina.core.log import info
+from haina.finetune.base import run_command
 from haina.finetune.config import FinetuneConfig
 from haina.train.pretrain import find_recipe
 
@@ -55,8 +56,8 @@ def _summary(report: dict[str, Any], out: str | None) -> None:
 
 
 def sft_command(base: str, data: list[str], out: str, config: str | None = None, val: list[str] | None = None,
-                train_on_prompt: bool = False, resume: bool = False, overwrite: bool = False,
-                overrides: list[str] = ()) -> None:
+                train_on_prompt: bool = False, resume: bool = False, overwrite: bool = False, nproc: int = 1,
+                max_restarts: int = 0, overrides: list[str] = ()) -> int:
     """Supervised fine-tuning on chat or instruction records, all weights or LoRA adapters (--lora.r=8).
 
     Records are JSONL: chat ({"messages": [{"role", "content"}, ...]}), instruction ({"prompt", "response"}) or
@@ -67,6 +68,10 @@ def sft_command(base: str, data: list[str], out: str, config: str | None = None,
     pretraining's (config.yaml, metrics.jsonl, tb/, loss.png, report.json, checkpoints/) and works with generate,
     chat, serve and export hf. Any --section.key=value overrides the recipe (--lora.r=8 --train.lr=3e-4).
 
+    Data parallel, as `haina pretrain`: --nproc N starts N processes under torchrun (DDP; for full fine-tuning
+    --parallel.dp_shard=N shards the model with FSDP2), or launch `torchrun … -m haina finetune sft …` yourself.
+    The global batch is processes × train.batch_size × train.grad_accum; only rank 0 writes.
+
     Args:
         base: the model to start from: a haina checkpoint or run directory, or a Hugging Face directory.
         data: chat or instruction JSONL files.
@@ -76,14 +81,20 @@ def sft_command(base: str, data: list[str], out: str, config: str | None = None,
         train_on_prompt: put the loss on the prompts too, not only on the answers.
         resume: continue the run in --out from its latest checkpoint.
         overwrite: start over in an existing --out.
+        nproc: processes on this machine, one per GPU (or sharing the CPU cores): launches torchrun.
+        max_restarts: with --nproc, how often torchrun restarts the job after a process fails; each restart resumes
+            from the last checkpoint, so set train.save_every.
     """
+    args = dict(locals())  # the command's own arguments: --nproc runs them again under torchrun
     from haina.finetune.sft import run_sft
 
-    flags = _flags(base, data, out, val, resume)
-    if train_on_prompt:
-        flags["data"]["train_on_prompt"] = True
-    cfg = load_finetune_config("sft", config, flags, overrides)
-    _summary(run_sft(cfg, overwrite=overwrite), cfg.out)
+    def load(resume: bool) -> FinetuneConfig:
+        flags = _flags(base, data, out, val, resume)
+        if train_on_prompt:
+            flags["data"]["train_on_prompt"] = True
+        return load_finetune_config("sft", config, flags, overrides)
+
+    return run_command(sft_command, args, load, run_sft, lambda report, cfg: _summary(report, cfg.out))
 
 
 def merge_command(checkpoint: str, out: str, overwrite: bool = False) -> None:

@@ -9,6 +9,7 @@ A recipe has the sections of a pretraining recipe, less `model` (the base fixes 
     distill:  the teacher and the mix of its soft targets with the labels
     dpo:      the preference loss
     classify: the text and label fields, the head, and the class-imbalance options
+    parallel: how the processes torchrun starts share the work (`ParallelConfig`: DDP, or FSDP2 with dp_shard)
     out:      the run directory
 """
 
@@ -21,7 +22,7 @@ from typing import Any, Literal
 from haina.core.config import from_dict, load_yaml, to_dict
 from haina.core.errors import HainaError
 from haina.model.lora import LoRAConfig
-from haina.train.config import TrainConfig
+from haina.train.config import ParallelConfig, TrainConfig
 
 Method = Literal["sft", "continue", "distill", "dpo", "classify"]
 METHODS: tuple[str, ...] = ("sft", "continue", "distill", "dpo", "classify")
@@ -113,6 +114,7 @@ class FinetuneConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     out: str | None = None
 
     @classmethod

@@ -31,6 +31,8 @@ from haina.finetune.base import (
     check_out,
     finish_report,
     load_base,
+    rank_rows,
+    run_command,
     run_config,
     start_run,
     training_block,
@@ -38,6 +40,7 @@ from haina.finetune.base import (
 from haina.finetune.command import _flags, _summary, load_finetune_config
 from haina.finetune.config import FinetuneConfig
 from haina.tokenizer import Tokenizer
+from haina.train import distributed
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -141,39 +144,46 @@ def open_split(data_dir: str, split: str, block_size: int, meta: dict, *, requir
     return shards
 
 
-def run_continue(cfg: FinetuneConfig, *, overwrite: bool = False) -> dict[str, Any]:
-    """Continue pretraining `cfg.base` on the token shards of `cfg.data`; returns the run report."""
-    if len(cfg.data.train) != 1:
-        got = "none" if not cfg.data.train else f"{len(cfg.data.train)}: {', '.join(cfg.data.train)}"
-        raise HainaError(f"--data takes one token-shard directory (got {got}); tokenize the new texts into one "
-                         "directory with `haina data tokenize`")
-    if cfg.data.val:
-        raise HainaError("continue validates on the val split of the --data shards; data.val (JSONL files) is "
-                         "for sft, distill and dpo")
-    data_dir, replay = cfg.data.train[0], cfg.data.replay
-    fraction = cfg.data.replay_fraction
-    if fraction > 0 and not replay:
-        raise HainaError(f"data.replay_fraction={fraction} needs the original data's shards: pass --replay DIR")
-    check_out(cfg, "continue", [data_dir, replay, cfg.base], overwrite)
-    base = load_base(cfg.base, command="finetune continue")
-    model = base.model
-    block = training_block(cfg, model.cfg.block_size)
-    checks = {"tokenizer": base.tokenizer, "vocab_size": model.cfg.vocab_size, "whose": "the base's",
-              "tokenizer_path": tokenizer_dir(base)}
-    meta = check_shards(data_dir, what="--data", **checks)
-    new_train = open_split(data_dir, "train", block, meta, required=True)
-    new_val = open_split(data_dir, "val", block, meta, required=False)
-    old_train = old_val = None
-    if replay:
-        replay_meta = check_shards(replay, what="--replay", **checks)
-        old_train = open_split(replay, "train", block, replay_meta, required=True) if fraction > 0 else None
-        old_val = open_split(replay, "val", block, replay_meta, required=False)
-    train = ReplayMix(new_train, old_train, fraction)
-    n_old = train.replay_rows(cfg.train.batch_size)
-    if fraction > 0 and not 0 < n_old < cfg.train.batch_size:
-        raise HainaError(f"data.replay_fraction={fraction} of train.batch_size={cfg.train.batch_size} rows is "
-                         f"{n_old} replay rows, leaving {'no replay' if n_old == 0 else 'no new data'}; change the "
-                         "fraction or the batch size")
+def run_continue(cfg: FinetuneConfig, *, overwrite: bool = False,
+                 dist: distributed.Distributed | None = None) -> dict[str, Any]:
+    """Continue pretraining `cfg.base` on the token shards of `cfg.data`; returns the run report.
+
+    `dist`: this rank's place in a torchrun job (`haina.train.distributed.session`); None for one process.
+    """
+    with distributed.same_on_every_rank():  # every rank reads the same shards and base: rank 0 reports a problem
+        if len(cfg.data.train) != 1:
+            got = "none" if not cfg.data.train else f"{len(cfg.data.train)}: {', '.join(cfg.data.train)}"
+            raise HainaError(f"--data takes one token-shard directory (got {got}); tokenize the new texts into one "
+                             "directory with `haina data tokenize`")
+        if cfg.data.val:
+            raise HainaError("continue validates on the val split of the --data shards; data.val (JSONL files) is "
+                             "for sft, distill and dpo")
+        data_dir, replay = cfg.data.train[0], cfg.data.replay
+        fraction = cfg.data.replay_fraction
+        if fraction > 0 and not replay:
+            raise HainaError(f"data.replay_fraction={fraction} needs the original data's shards: pass --replay DIR")
+        check_out(cfg, "continue", [data_dir, replay, cfg.base], overwrite)
+        base = load_base(cfg.base, command="finetune continue")
+        model = base.model
+        block = training_block(cfg, model.cfg.block_size)
+        checks = {"tokenizer": base.tokenizer, "vocab_size": model.cfg.vocab_size, "whose": "the base's",
+                  "tokenizer_path": tokenizer_dir(base)}
+        meta = check_shards(data_dir, what="--data", **checks)
+        new_train = open_split(data_dir, "train", block, meta, required=True)
+        new_val = open_split(data_dir, "val", block, meta, required=False)
+        old_train = old_val = None
+        if replay:
+            replay_meta = check_shards(replay, what="--replay", **checks)
+            old_train = open_split(replay, "train", block, replay_meta, required=True) if fraction > 0 else None
+            old_val = open_split(replay, "val", block, replay_meta, required=False)
+        train = ReplayMix(new_train, old_train, fraction)
+        # The mix is the global batch's (every rank draws it whole and keeps its rows): ranks × train.batch_size.
+        rows = cfg.train.batch_size * (1 if dist is None else dist.dp_size)
+        n_old = train.replay_rows(rows)
+        if fraction > 0 and not 0 < n_old < rows:
+            what = f"train.batch_size={rows}" if dist is None else f"the global batch's {rows}"
+            raise HainaError(f"data.replay_fraction={fraction} of {what} rows is {n_old} replay rows, leaving "
+                             f"{'no replay' if n_old == 0 else 'no new data'}; change the fraction or the batch size")
     if new_val is None:
         info(f"{data_dir} has no validation split: the new data's loss cannot be measured")
     if replay and old_val is None:
@@ -181,10 +191,11 @@ def run_continue(cfg: FinetuneConfig, *, overwrite: bool = False) -> dict[str, A
     tokenizer = base.tokenizer or find_tokenizer(data_dir)
 
     run, base_hash = start_run(cfg, "continue", model, inputs=[data_dir, replay or "", base.path],
-                               overwrite=overwrite)
-    trainer = ContinueTrainer(model, dataclasses.replace(cfg.train, block_size=block), run, train_data=train,
-                              val_data=new_val, tokenizer=tokenizer, config=run_config(cfg, model, block, base=base.path),
-                              lora=cfg.lora, base_hash=base_hash, base_path=base.path)
+                               overwrite=overwrite, dist=dist)
+    trainer = ContinueTrainer(model, dataclasses.replace(cfg.train, block_size=block), run,
+                              train_data=rank_rows(train, dist), val_data=new_val, tokenizer=tokenizer,
+                              config=run_config(cfg, model, block, base=base.path), lora=cfg.lora,
+                              base_hash=base_hash, base_path=base.path, dist=dist)
     # Before fit(): the weights are still the base's, also when fit() is about to resume a checkpoint.
     old_before = trainer.val_loss_on(old_val)
     report = trainer.fit()
@@ -198,7 +209,7 @@ def run_continue(cfg: FinetuneConfig, *, overwrite: bool = False) -> dict[str, A
     data_report = {"dir": data_dir, "train_tokens": len(new_train), "val_tokens": len(new_val) if new_val else 0,
                    "replay": replay, "replay_fraction": fraction, "replay_rows_per_batch": n_old}
     return finish_report(run, report, {"method": "continue", "base": base.path, "lora": cfg.lora.r > 0,
-                                       "data": data_report, "forgetting": forgetting})
+                                       "data": data_report, "forgetting": forgetting}, dist)
 
 
 def forgetting_text(forgetting: dict[str, Any]) -> str:
@@ -217,7 +228,7 @@ def forgetting_text(forgetting: dict[str, Any]) -> str:
 
 def continue_command(base: str, data: list[str], out: str, config: str | None = None, replay: str | None = None,
                      replay_fraction: float | None = None, resume: bool = False, overwrite: bool = False,
-                     overrides: list[str] = ()) -> None:
+                     nproc: int = 1, max_restarts: int = 0, overrides: list[str] = ()) -> int:
     """Continued pretraining: train an existing model further on new token shards, all weights or LoRA.
 
     The shards (one directory with train and val splits) must be tokenized with the base's tokenizer
@@ -226,7 +237,9 @@ def continue_command(base: str, data: list[str], out: str, config: str | None = 
     measured on its val split too, and --replay-fraction mixes that share of each batch's rows from its train
     split, against forgetting. report.json holds {"forgetting": {"new": {"before", "after"}, "old": ...}}. The
     run directory is like pretraining's and works with generate, chat, serve and export hf. Any
-    --section.key=value overrides the recipe (--train.lr=1e-4 --lora.r=8).
+    --section.key=value overrides the recipe (--train.lr=1e-4 --lora.r=8). Data parallel with --nproc N (or
+    under torchrun), as `haina finetune sft`: the global batch is processes × train.batch_size × train.grad_accum,
+    and the replay fraction applies to it.
 
     Args:
         base: the model to continue: a haina checkpoint or run directory, or a Hugging Face directory.
@@ -237,16 +250,25 @@ def continue_command(base: str, data: list[str], out: str, config: str | None = 
         replay_fraction: the share of each batch's rows drawn from --replay, e.g. 0.25 (default: data.replay_fraction).
         resume: continue the run in --out from its latest checkpoint.
         overwrite: start over in an existing --out.
+        nproc: processes on this machine, one per GPU (or sharing the CPU cores): launches torchrun.
+        max_restarts: with --nproc, how often torchrun restarts the job after a process fails (resuming from the
+            last checkpoint).
     """
+    args = dict(locals())  # the command's own arguments: --nproc runs them again under torchrun
     more: dict[str, Any] = {}
     if replay is not None:
         more["data.replay"] = replay
     if replay_fraction is not None:
         more["data.replay_fraction"] = replay_fraction
-    cfg = load_finetune_config("continue", config, _flags(base, data, out, resume=resume, **more), overrides)
-    report = run_continue(cfg, overwrite=overwrite)
-    _summary(report, cfg.out)
-    print(forgetting_text(report["forgetting"]))
+
+    def summary(report: dict[str, Any], cfg: FinetuneConfig) -> None:
+        _summary(report, cfg.out)
+        print(forgetting_text(report["forgetting"]))
+
+    return run_command(continue_command, args,
+                       lambda resume: load_finetune_config("continue", config,
+                                                           _flags(base, data, out, resume=resume, **more), overrides),
+                       run_continue, summary)
 
 
 __all__ = ["ContinueTrainer", "ReplayMix", "check_shards", "continue_command", "forgetting_text", "open_split",

@@ -50,6 +50,8 @@ from haina.finetune.base import (
     check_out,
     finish_report,
     load_base,
+    rank_rows,
+    run_command,
     run_config,
     start_run,
     training_block,
@@ -60,6 +62,7 @@ from haina.finetune.continued import check_shards, open_split, tokenizer_dir
 from haina.model.config import ModelConfig
 from haina.model.transformer import Transformer, lm_loss
 from haina.tokenizer import Tokenizer
+from haina.train import distributed
 from haina.train.config import TrainConfig
 
 Batch = dict[str, torch.Tensor]
@@ -189,13 +192,16 @@ class DistillTrainer(FinetuneTrainer):
             what = f"the teacher's top-{distill.top_k} logits on" if consult is not None else "the windows of"
             info(f"{what} {len(self.windows):,} training windows ({len(self.windows) * self.cfg.block_size:,} "
                  f"tokens, {self.windows.nbytes / 2**20:,.1f} MiB) in {time.perf_counter() - start:.1f} s")
+        # Under torchrun every rank holds all the windows (its teacher computed them) and draws its rows of each
+        # global batch, as `train_data` does.
+        self.window_rows = rank_rows(self.windows, self.dist) if self.windows is not None else None
 
     def to_device(self, batch: Batch) -> Batch:
         return {k: self._to_device(v) for k, v in batch.items()}
 
     def next_batch(self) -> Batch:
-        if self.windows is not None:
-            return self.to_device(self.windows.get_batch(self.cfg.batch_size, self.cfg.block_size, self.generator))
+        if self.window_rows is not None:
+            return self.to_device(self.window_rows.get_batch(self.cfg.batch_size, self.cfg.block_size, self.generator))
         x, y = self.train_data.get_batch(self.cfg.batch_size, self.cfg.block_size, self.generator)
         return self.to_device({"x": x, "y": y})
 
@@ -252,51 +258,60 @@ class DistillTrainer(FinetuneTrainer):
 
 
 # ---------------------------------------------------------------------------------------------- the run
-def run_distill(cfg: FinetuneConfig, *, overwrite: bool = False) -> dict[str, Any]:
-    """Distill `cfg.distill.teacher` into a student (`cfg.base` or `cfg.preset`) on token shards; the run report."""
-    if bool(cfg.base) == bool(cfg.preset):
-        raise HainaError("give the student as --base PATH (a checkpoint to start from) or --preset NAME (a fresh "
-                         "model of that preset), one of the two" + (", not both" if cfg.base else ""))
-    if len(cfg.data.train) != 1:
-        got = "none" if not cfg.data.train else f"{len(cfg.data.train)}: {', '.join(cfg.data.train)}"
-        raise HainaError(f"--data takes one token-shard directory tokenized with the teacher's tokenizer (got {got})")
-    if cfg.preset and cfg.lora.r > 0:
-        raise HainaError("LoRA adapts a trained model, and a --preset student is a fresh one; train all its weights "
-                         "(drop --lora.r) or start from --base")
-    check_out(cfg, "distill", [*cfg.data.train, cfg.distill.teacher, cfg.base], overwrite)
-    teacher = load_base(cfg.distill.teacher, what="--teacher", command="finetune distill")
-    t_model, t_tok = teacher.model, _tokenizer_of(teacher.tokenizer, "--teacher", teacher.path)
-    if cfg.base:
-        student = load_base(cfg.base, command="finetune distill")
-        model, student_path = student.model, student.path
-        s_tok = _tokenizer_of(student.tokenizer, "--base", student.path)
-        if s_tok.hash() != t_tok.hash():
-            raise HainaError(f"the teacher's tokenizer (hash {t_tok.hash()}, {teacher.path}) is not the student's "
-                             f"(hash {s_tok.hash()}, {student.path}); distillation compares their distributions token "
-                             "id by token id, so both need one tokenizer: pick a student of the teacher's, or --preset")
-    else:
-        seed_everything(cfg.train.seed)  # the fresh student's initialization is part of the run
-        model = Transformer(ModelConfig.from_name(cfg.preset, vocab_size=t_model.cfg.vocab_size))
-        student, student_path, s_tok = None, f"preset {cfg.preset}", t_tok
-    if model.cfg.vocab_size != t_model.cfg.vocab_size:
-        raise HainaError(f"the teacher has a vocabulary of {t_model.cfg.vocab_size} and the student of "
-                         f"{model.cfg.vocab_size}; distillation needs the same one (one tokenizer, one size)")
-    block = training_block(cfg, model.cfg.block_size, t_model.cfg.block_size)
-    data_dir = cfg.data.train[0]
-    meta = check_shards(data_dir, t_tok, vocab_size=model.cfg.vocab_size, what="--data", whose="the teacher's",
-                        tokenizer_path=tokenizer_dir(teacher))
-    train = open_split(data_dir, "train", block, meta, required=True)
-    val = open_split(data_dir, "val", block, meta, required=False)
-    if val is None:
-        info(f"{data_dir} has no validation split; training without evaluation")
+def run_distill(cfg: FinetuneConfig, *, overwrite: bool = False,
+                dist: distributed.Distributed | None = None) -> dict[str, Any]:
+    """Distill `cfg.distill.teacher` into a student (`cfg.base` or `cfg.preset`) on token shards; the run report.
+
+    `dist`: this rank's place in a torchrun job (`haina.train.distributed.session`); each rank holds its own
+    teacher. None for one process.
+    """
+    with distributed.same_on_every_rank():  # every rank reads the same models and shards: rank 0 reports a problem
+        if bool(cfg.base) == bool(cfg.preset):
+            raise HainaError("give the student as --base PATH (a checkpoint to start from) or --preset NAME (a fresh "
+                             "model of that preset), one of the two" + (", not both" if cfg.base else ""))
+        if len(cfg.data.train) != 1:
+            got = "none" if not cfg.data.train else f"{len(cfg.data.train)}: {', '.join(cfg.data.train)}"
+            raise HainaError(f"--data takes one token-shard directory tokenized with the teacher's tokenizer (got "
+                             f"{got})")
+        if cfg.preset and cfg.lora.r > 0:
+            raise HainaError("LoRA adapts a trained model, and a --preset student is a fresh one; train all its "
+                             "weights (drop --lora.r) or start from --base")
+        check_out(cfg, "distill", [*cfg.data.train, cfg.distill.teacher, cfg.base], overwrite)
+        teacher = load_base(cfg.distill.teacher, what="--teacher", command="finetune distill")
+        t_model, t_tok = teacher.model, _tokenizer_of(teacher.tokenizer, "--teacher", teacher.path)
+        if cfg.base:
+            student = load_base(cfg.base, command="finetune distill")
+            model, student_path = student.model, student.path
+            s_tok = _tokenizer_of(student.tokenizer, "--base", student.path)
+            if s_tok.hash() != t_tok.hash():
+                raise HainaError(f"the teacher's tokenizer (hash {t_tok.hash()}, {teacher.path}) is not the "
+                                 f"student's (hash {s_tok.hash()}, {student.path}); distillation compares their "
+                                 "distributions token id by token id, so both need one tokenizer: pick a student of "
+                                 "the teacher's, or --preset")
+        else:
+            seed_everything(cfg.train.seed)  # the fresh student's initialization is part of the run
+            model = Transformer(ModelConfig.from_name(cfg.preset, vocab_size=t_model.cfg.vocab_size))
+            student, student_path, s_tok = None, f"preset {cfg.preset}", t_tok
+        if model.cfg.vocab_size != t_model.cfg.vocab_size:
+            raise HainaError(f"the teacher has a vocabulary of {t_model.cfg.vocab_size} and the student of "
+                             f"{model.cfg.vocab_size}; distillation needs the same one (one tokenizer, one size)")
+        block = training_block(cfg, model.cfg.block_size, t_model.cfg.block_size)
+        data_dir = cfg.data.train[0]
+        meta = check_shards(data_dir, t_tok, vocab_size=model.cfg.vocab_size, what="--data", whose="the teacher's",
+                            tokenizer_path=tokenizer_dir(teacher))
+        train = open_split(data_dir, "train", block, meta, required=True)
+        val = open_split(data_dir, "val", block, meta, required=False)
+        if val is None:
+            info(f"{data_dir} has no validation split; training without evaluation")
 
     run, base_hash = start_run(cfg, "distill", model, inputs=[data_dir, teacher.path, student.path if student else ""],
-                               overwrite=overwrite)
+                               overwrite=overwrite, dist=dist)
     config = run_config(cfg, model, block, base=student.path if student else None,
                         distill={**cfg.to_dict()["distill"], "teacher": teacher.path})
-    trainer = DistillTrainer(model, dataclasses.replace(cfg.train, block_size=block), run, train_data=train,
-                             val_data=val, tokenizer=s_tok, config=config, lora=cfg.lora, base_hash=base_hash,
-                             base_path=student.path if student else None, teacher=t_model, distill=cfg.distill)
+    trainer = DistillTrainer(model, dataclasses.replace(cfg.train, block_size=block), run,
+                             train_data=rank_rows(train, dist), val_data=val, tokenizer=s_tok, config=config,
+                             lora=cfg.lora, base_hash=base_hash, base_path=student.path if student else None,
+                             teacher=t_model, distill=cfg.distill, dist=dist)
     before = trainer.compare_with_teacher()  # the student's starting weights, also when fit() will resume
     report = trainer.fit()
     after = None if str(report["stopped_because"]).startswith("SIG") else trainer.compare_with_teacher()
@@ -309,7 +324,7 @@ def run_distill(cfg: FinetuneConfig, *, overwrite: bool = False) -> dict[str, An
                     "teacher_val_loss": before["teacher_loss"] if before else None,
                     "kl": {"before": before["kl"] if before else None, "after": after["kl"] if after else None}},
     }
-    return finish_report(run, report, extra)
+    return finish_report(run, report, extra, dist)
 
 
 def _tokenizer_of(tokenizer: Tokenizer | None, what: str, path: str) -> Tokenizer:
@@ -332,8 +347,8 @@ def distill_text(report: dict[str, Any]) -> str:
 
 def distill_command(teacher: str, data: list[str], out: str, base: str | None = None, preset: str | None = None,
                     config: str | None = None, alpha: float | None = None, temperature: float | None = None,
-                    top_k: int | None = None, resume: bool = False, overwrite: bool = False,
-                    overrides: list[str] = ()) -> None:
+                    top_k: int | None = None, resume: bool = False, overwrite: bool = False, nproc: int = 1,
+                    max_restarts: int = 0, overrides: list[str] = ()) -> int:
     """Knowledge distillation: train a student on the labels and on a teacher's softened distributions.
 
     loss = (1 − α)·CE(labels) + α·T²·KL(teacher ‖ student) at temperature T, per target. The student is --base (a
@@ -342,7 +357,8 @@ def distill_command(teacher: str, data: list[str], out: str, base: str | None = 
     with it. The teacher is frozen and never saved. With --top-k K the teacher's top K logits are computed once on a
     fixed set of training windows (faster, an approximation: see haina/finetune/distill.py); otherwise the teacher
     runs on every batch. Validation is the student's plain loss; report.json adds the teacher's loss and KL(teacher ‖
-    student) on val before and after. Any --section.key=value overrides the recipe (--train.max_steps=500).
+    student) on val before and after. Any --section.key=value overrides the recipe (--train.max_steps=500). Data
+    parallel with --nproc N (or under torchrun), as `haina finetune sft`; every process holds its own teacher.
 
     Args:
         teacher: the teacher: a haina checkpoint or run directory, or a Hugging Face directory.
@@ -356,18 +372,27 @@ def distill_command(teacher: str, data: list[str], out: str, base: str | None = 
         top_k: > 0: precompute the teacher's top-k logits once instead of running it live (default: distill.top_k).
         resume: continue the run in --out from its latest checkpoint.
         overwrite: start over in an existing --out.
+        nproc: processes on this machine, one per GPU (or sharing the CPU cores): launches torchrun.
+        max_restarts: with --nproc, how often torchrun restarts the job after a process fails (resuming from the
+            last checkpoint).
     """
+    args = dict(locals())  # the command's own arguments: --nproc runs them again under torchrun
     more: dict[str, Any] = {"distill.teacher": teacher}
     for name, value in (("alpha", alpha), ("temperature", temperature), ("top_k", top_k)):
         if value is not None:
             more[f"distill.{name}"] = value
-    flags = _flags(base, data, out, resume=resume, **more)
-    if preset is not None:
-        flags["preset"] = preset
-    cfg = load_finetune_config("distill", config, flags, overrides)
-    report = run_distill(cfg, overwrite=overwrite)
-    _summary(report, cfg.out)
-    print(distill_text(report))
+
+    def load(resume: bool) -> FinetuneConfig:
+        flags = _flags(base, data, out, resume=resume, **more)
+        if preset is not None:
+            flags["preset"] = preset
+        return load_finetune_config("distill", config, flags, overrides)
+
+    def summary(report: dict[str, Any], cfg: FinetuneConfig) -> None:
+        _summary(report, cfg.out)
+        print(distill_text(report))
+
+    return run_command(distill_command, args, load, run_distill, summary)
 
 
 __all__ = ["DistillTrainer", "TeacherTopK", "distill_command", "distill_text", "masked_mean", "run_distill",

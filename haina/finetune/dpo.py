@@ -33,7 +33,9 @@ from haina.finetune.base import (
     FinetuneTrainer,
     check_out,
     finish_report,
+    is_main,
     load_base,
+    run_command,
     run_config,
     start_run,
     training_block,
@@ -41,9 +43,10 @@ from haina.finetune.base import (
 from haina.finetune.batching import IGNORE_INDEX
 from haina.finetune.command import _flags, load_finetune_config
 from haina.finetune.config import FinetuneConfig
-from haina.finetune.dpo_data import PairSet, read_preferences, split_preferences, tokenize_preferences
+from haina.finetune.dpo_data import PairSet, RankPairs, read_preferences, split_preferences, tokenize_preferences
 from haina.finetune.sft_data import prepare_chat_tokenizer, template_note, write_rejects
 from haina.model.lora import LoRALinear
+from haina.train import distributed
 
 Batch = dict[str, Any]
 
@@ -122,7 +125,7 @@ class DPOTrainer(FinetuneTrainer):
         return torch.tensor(len(batch["index"]))  # the loss is a mean over pairs, not tokens
 
     def batch_tokens(self, batch: Batch) -> int:
-        return int(batch["tokens"])
+        return int(batch["row_tokens"].sum())  # this rank's rows: `tokens` counts the whole batch as drawn
 
     def eval_batches(self) -> Iterator[Batch]:
         assert self.val_data is not None
@@ -198,24 +201,30 @@ class DPOTrainer(FinetuneTrainer):
 
 
 # ---------------------------------------------------------------------------------------------- the run
-def run_dpo(cfg: FinetuneConfig, *, overwrite: bool = False) -> dict[str, Any]:
-    """DPO of `cfg.base` on the preference pairs of `cfg.data`; returns the run report."""
-    if not cfg.data.train:
-        raise HainaError("--data is required: preference JSONL files of {\"prompt\", \"chosen\", \"rejected\"}")
-    check_out(cfg, "dpo", [*cfg.data.train, *cfg.data.val, cfg.base], overwrite)
-    records = read_preferences(list(cfg.data.train))
-    val_records = read_preferences(list(cfg.data.val)) if cfg.data.val else None
-    base = load_base(cfg.base, command="finetune dpo")
-    model = base.model
-    tokenizer = prepare_chat_tokenizer(base.tokenizer, model.cfg.vocab_size)
-    block = training_block(cfg, model.cfg.block_size)
-    train_pairs, val_pairs = (records.pairs, val_records.pairs) if val_records else \
-        split_preferences(records.pairs, cfg.data.val_fraction, cfg.train.seed)
-    train_tok, train_rejects = tokenize_preferences(tokenizer, train_pairs, block_size=block)
-    val_tok, val_rejects = tokenize_preferences(tokenizer, val_pairs, block_size=block)
-    if not train_tok:
-        raise HainaError(f"no training pair fits block_size {block} ({_reason_text(train_rejects)}); shorten the "
-                         "answers or raise train.block_size")
+def run_dpo(cfg: FinetuneConfig, *, overwrite: bool = False,
+            dist: distributed.Distributed | None = None) -> dict[str, Any]:
+    """DPO of `cfg.base` on the preference pairs of `cfg.data`; returns the run report.
+
+    `dist`: this rank's place in a torchrun job (`haina.train.distributed.session`); every rank computes the
+    reference log-probabilities of all the pairs itself. None for one process.
+    """
+    with distributed.same_on_every_rank():  # every rank reads the same pairs and base: rank 0 reports a problem
+        if not cfg.data.train:
+            raise HainaError("--data is required: preference JSONL files of {\"prompt\", \"chosen\", \"rejected\"}")
+        check_out(cfg, "dpo", [*cfg.data.train, *cfg.data.val, cfg.base], overwrite)
+        records = read_preferences(list(cfg.data.train))
+        val_records = read_preferences(list(cfg.data.val)) if cfg.data.val else None
+        base = load_base(cfg.base, command="finetune dpo")
+        model = base.model
+        tokenizer = prepare_chat_tokenizer(base.tokenizer, model.cfg.vocab_size)
+        block = training_block(cfg, model.cfg.block_size)
+        train_pairs, val_pairs = (records.pairs, val_records.pairs) if val_records else \
+            split_preferences(records.pairs, cfg.data.val_fraction, cfg.train.seed)
+        train_tok, train_rejects = tokenize_preferences(tokenizer, train_pairs, block_size=block)
+        val_tok, val_rejects = tokenize_preferences(tokenizer, val_pairs, block_size=block)
+        if not train_tok:
+            raise HainaError(f"no training pair fits block_size {block} ({_reason_text(train_rejects)}); shorten the "
+                             "answers or raise train.block_size")
     rejects = records.rejects + (val_records.rejects if val_records else []) + train_rejects + val_rejects
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
     train_data = PairSet(train_tok, pad)
@@ -228,14 +237,16 @@ def run_dpo(cfg: FinetuneConfig, *, overwrite: bool = False) -> dict[str, Any]:
         info(f"the base has dropout {model.cfg.dropout:g}: the policy's log-probabilities are noisier than the "
              "reference's (computed without it), which biases the rewards; DPO usually trains without dropout")
     run, base_hash = start_run(cfg, "dpo", model, inputs=[*cfg.data.train, *cfg.data.val, base.path],
-                               overwrite=overwrite)
+                               overwrite=overwrite, dist=dist)
     note = template_note(base.tokenizer, tokenizer)
     if note:
         info(note)
     config = run_config(cfg, model, block, base=base.path)
-    trainer = DPOTrainer(model, dataclasses.replace(cfg.train, block_size=block), run, train_data=train_data,
+    # A rank's share of a batch is both rows of its pairs (`RankPairs`); the reference fills the pairs themselves.
+    trainer = DPOTrainer(model, dataclasses.replace(cfg.train, block_size=block), run,
+                         train_data=train_data if dist is None else RankPairs(train_data, dist.dp_rank, dist.dp_size),
                          val_data=val_data, tokenizer=tokenizer, config=config, lora=cfg.lora, base_hash=base_hash,
-                         base_path=base.path, beta=cfg.dpo.beta)
+                         base_path=base.path, beta=cfg.dpo.beta, dist=dist)
     read = sum(len(r.pairs) + len(r.rejects) for r in (records, val_records) if r is not None)
     data_report = {
         "records": {"read": read, "rejected": len(rejects), "train_pairs": len(train_data), "val_pairs": len(val_tok),
@@ -243,7 +254,7 @@ def run_dpo(cfg: FinetuneConfig, *, overwrite: bool = False) -> dict[str, Any]:
         "rejects_by_reason": dict(Counter(r["reason"] for r in rejects).most_common()),
         "answer_tokens_in_data": train_data.answer_tokens,
     }
-    if rejects:
+    if rejects and is_main(dist):
         write_rejects(run / "rejects.jsonl", rejects)
         info(f"{len(rejects)} records rejected ({_reason_text(rejects)}); kept with their reasons in "
              f"{run / 'rejects.jsonl'}")
@@ -254,7 +265,7 @@ def run_dpo(cfg: FinetuneConfig, *, overwrite: bool = False) -> dict[str, Any]:
                                        # is no perplexity
                                        "supervised_tokens": None, "supervised_tokens_per_sec": None,
                                        "val_ppl": None,
-                                       "dpo": _dpo_figures(trainer, cfg.dpo.beta, report["steps"])})
+                                       "dpo": _dpo_figures(trainer, cfg.dpo.beta, report["steps"])}, dist)
 
 
 def _dpo_figures(trainer: DPOTrainer, beta: float, steps: int) -> dict[str, Any]:
@@ -277,8 +288,8 @@ def _reason_text(rejects: list[dict]) -> str:
 
 
 def dpo_command(base: str, data: list[str], out: str, config: str | None = None, val: list[str] | None = None,
-                beta: float | None = None, resume: bool = False, overwrite: bool = False,
-                overrides: list[str] = ()) -> None:
+                beta: float | None = None, resume: bool = False, overwrite: bool = False, nproc: int = 1,
+                max_restarts: int = 0, overrides: list[str] = ()) -> int:
     """Direct Preference Optimization on preference pairs, all weights or LoRA adapters (--lora.r=8).
 
     Records are JSONL {"prompt", "chosen", "rejected"}: plain strings, or chat (the prompt a list of messages
@@ -288,7 +299,8 @@ def dpo_command(base: str, data: list[str], out: str, config: str | None = None,
     log-probabilities are computed once before training, so no second model is held. Prompts too long for
     the context lose their start; pairs whose answer alone does not fit, and bad records, are counted and
     kept with their reason in OUT/rejects.jsonl. report.json adds the validation pairs' reward accuracy and
-    margin before and after training. Any --section.key=value overrides the recipe (--train.lr=1e-6).
+    margin before and after training. Any --section.key=value overrides the recipe (--train.lr=1e-6). Data
+    parallel with --nproc N (or under torchrun), as `haina finetune sft`: train.batch_size counts pairs per process.
 
     Args:
         base: the model to start from (usually an SFT run): a haina checkpoint or run, or a Hugging Face directory.
@@ -299,10 +311,19 @@ def dpo_command(base: str, data: list[str], out: str, config: str | None = None,
         beta: DPO's β (dpo.beta): how far the policy may move from the base; larger keeps it closer.
         resume: continue the run in --out from its latest checkpoint.
         overwrite: start over in an existing --out.
+        nproc: processes on this machine, one per GPU (or sharing the CPU cores): launches torchrun.
+        max_restarts: with --nproc, how often torchrun restarts the job after a process fails (resuming from the
+            last checkpoint).
     """
+    args = dict(locals())  # the command's own arguments: --nproc runs them again under torchrun
     more = {"dpo.beta": beta} if beta is not None else {}
-    cfg = load_finetune_config("dpo", config, _flags(base, data, out, val, resume, **more), overrides)
-    report = run_dpo(cfg, overwrite=overwrite)
+    return run_command(dpo_command, args,
+                       lambda resume: load_finetune_config("dpo", config, _flags(base, data, out, val, resume, **more),
+                                                           overrides),
+                       run_dpo, _summary)
+
+
+def _summary(report: dict[str, Any], cfg: FinetuneConfig) -> None:
     d = report["dpo"]
     acc, margin = d["val_reward_accuracy"], d["val_reward_margin"]
     val_text = "" if acc["after"] is None else (f", val loss {report['val_loss']:.4f}, reward accuracy "

@@ -37,9 +37,10 @@ from haina.finetune.sft_data import (
 )
 from haina.generate.chat import encode_chat
 from haina.tokenizer import Tokenizer
+from haina.train.distributed import RankRows
 
-__all__ = ["PairSet", "Preference", "PreferenceRecords", "TokenizedPair", "read_preferences", "record_to_preference",
-           "split_preferences", "tokenize_preferences"]
+__all__ = ["PairSet", "Preference", "PreferenceRecords", "RankPairs", "TokenizedPair", "read_preferences",
+           "record_to_preference", "split_preferences", "tokenize_preferences"]
 
 KEYS = ("prompt", "chosen", "rejected")
 
@@ -201,7 +202,8 @@ class PairSet:
 
     - `x` (2B, T) input ids; `y` (2B, T) targets, -100 except on the answer's tokens;
     - `ref` (2B,) the reference model's summed log-probability of each row's answer (`reference`);
-    - `index` (B,) the pairs' indices; `tokens` the real (non-padding) input tokens.
+    - `index` (B,) the pairs' indices;
+    - `row_tokens` (2B,) each row's real (non-padding) input tokens, and `tokens` their sum over the batch as drawn.
 
     As with SFT batches, all randomness of batch choice comes from the generator given to `get_batch`.
 
@@ -246,7 +248,8 @@ class PairSet:
             x[r, :n - 1], y[r, :n - 1] = ids[:-1], ids[1:]
             y[r, :int(self.prompt_lengths[seq // 2]) - 1] = IGNORE_INDEX  # target j is token j + 1: the prompt's
         ref = torch.cat([self.reference[index, 0], self.reference[index, 1]])
-        return {"x": x, "y": y, "ref": ref, "index": index, "tokens": int(self.lengths[rows].sum()) - len(rows)}
+        row_tokens = self.lengths[rows] - 1
+        return {"x": x, "y": y, "ref": ref, "index": index, "row_tokens": row_tokens, "tokens": int(row_tokens.sum())}
 
     def get_batch(self, batch_size: int, block_size: int, generator: torch.Generator) -> dict:
         """A random chunk of batch_size pairs of similar length, in random order (block_size: fixed at tokenizing)."""
@@ -262,3 +265,24 @@ class PairSet:
             if max_batches is not None and b >= max_batches:
                 return
             yield self.batch(range(start, min(start + batch_size, len(self))))
+
+
+class RankPairs(RankRows):
+    """`RankRows` for preference batches: this rank's pairs of the global batch, with both rows of each.
+
+    A batch's 2B rows are B chosen answers and then the same pairs' rejected ones, so a rank's share of B' pairs
+    is two ranges of rows (its chosen, its rejected) and one of `index`, not the one range `RankRows` keeps.
+    """
+
+    def get_batch(self, batch_size: int, block_size: int, generator: torch.Generator) -> dict:
+        n = batch_size * self.world_size
+        batch = self.source.get_batch(n, block_size, generator)
+        if len(batch["index"]) != n:
+            # The last chunk of the length-sorted pairs is short: every rank computes all of it, as `RankRows` does
+            # with what it cannot slice: the ranks' weights then count its pairs once each, and the averaged
+            # gradient is exactly the one process's.
+            return batch
+        pairs = torch.arange(self.rank * batch_size, (self.rank + 1) * batch_size)
+        rows = torch.cat([pairs, pairs + n])  # its chosen rows, then the same pairs' rejected rows
+        return {"x": batch["x"][rows], "y": batch["y"][rows], "ref": batch["ref"][rows], "index": batch["index"][pairs],
+                "row_tokens": batch["row_tokens"][rows]}

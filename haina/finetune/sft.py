@@ -19,7 +19,9 @@ from haina.finetune.base import (
     FinetuneTrainer,
     check_out,
     finish_report,
+    is_main,
     load_base,
+    rank_rows,
     run_config,
     start_run,
     training_block,
@@ -35,6 +37,7 @@ from haina.finetune.sft_data import (
     write_rejects,
 )
 from haina.model.transformer import lm_loss
+from haina.train import distributed
 
 Batch = dict[str, Any]
 
@@ -65,7 +68,7 @@ class SFTTrainer(FinetuneTrainer):
         return (batch["y"] != -100).sum()
 
     def batch_tokens(self, batch: Batch) -> int:
-        return int(batch["tokens"])
+        return int(batch["row_tokens"].sum())  # this rank's rows: `tokens` counts the whole batch as drawn
 
     def eval_batches(self):
         assert self.val_data is not None
@@ -90,26 +93,31 @@ def split_records(records: SFTRecords, fraction: float, seed: int) -> tuple[SFTR
     return pick(lambda i: i not in held), pick(lambda i: i in held)
 
 
-def run_sft(cfg: FinetuneConfig, *, overwrite: bool = False) -> dict[str, Any]:
-    """Fine-tune `cfg.base` on the chat/instruction records of `cfg.data`; returns the run report."""
-    if not cfg.data.train:
-        raise HainaError("--data is required: chat or instruction JSONL files")
-    check_out(cfg, "sft", [*cfg.data.train, *cfg.data.val, cfg.base], overwrite)
-    records = read_sft_records(list(cfg.data.train))
-    val_records = read_sft_records(list(cfg.data.val)) if cfg.data.val else None
-    base = load_base(cfg.base, command="finetune sft")
-    model = base.model
-    tokenizer = prepare_chat_tokenizer(base.tokenizer, model.cfg.vocab_size)
-    block = training_block(cfg, model.cfg.block_size)
-    train_set, val_set = (records, val_records) if val_records else \
-        split_records(records, cfg.data.val_fraction, cfg.train.seed)
-    train_ex, train_rejects = tokenize_sft(tokenizer, train_set.conversations, block_size=block,
-                                           train_on_prompt=cfg.data.train_on_prompt, origins=train_set.origins)
-    val_ex, val_rejects = tokenize_sft(tokenizer, val_set.conversations, block_size=block,
-                                       train_on_prompt=cfg.data.train_on_prompt, origins=val_set.origins)
-    if not train_ex:
-        raise HainaError(f"no usable training example ({_reason_text(_by_reason(train_rejects))}); "
-                         f"for answers beyond the context, shorten the prompts or raise train.block_size")
+def run_sft(cfg: FinetuneConfig, *, overwrite: bool = False,
+            dist: distributed.Distributed | None = None) -> dict[str, Any]:
+    """Fine-tune `cfg.base` on the chat/instruction records of `cfg.data`; returns the run report.
+
+    `dist`: this rank's place in a torchrun job (`haina.train.distributed.session`); None for one process.
+    """
+    with distributed.same_on_every_rank():  # every rank reads the same records and base: rank 0 reports a problem
+        if not cfg.data.train:
+            raise HainaError("--data is required: chat or instruction JSONL files")
+        check_out(cfg, "sft", [*cfg.data.train, *cfg.data.val, cfg.base], overwrite)
+        records = read_sft_records(list(cfg.data.train))
+        val_records = read_sft_records(list(cfg.data.val)) if cfg.data.val else None
+        base = load_base(cfg.base, command="finetune sft")
+        model = base.model
+        tokenizer = prepare_chat_tokenizer(base.tokenizer, model.cfg.vocab_size)
+        block = training_block(cfg, model.cfg.block_size)
+        train_set, val_set = (records, val_records) if val_records else \
+            split_records(records, cfg.data.val_fraction, cfg.train.seed)
+        train_ex, train_rejects = tokenize_sft(tokenizer, train_set.conversations, block_size=block,
+                                               train_on_prompt=cfg.data.train_on_prompt, origins=train_set.origins)
+        val_ex, val_rejects = tokenize_sft(tokenizer, val_set.conversations, block_size=block,
+                                           train_on_prompt=cfg.data.train_on_prompt, origins=val_set.origins)
+        if not train_ex:
+            raise HainaError(f"no usable training example ({_reason_text(_by_reason(train_rejects))}); "
+                             f"for answers beyond the context, shorten the prompts or raise train.block_size")
     rejects = records.rejects + (val_records.rejects if val_records else []) + train_rejects + val_rejects
     source = PackedBatches if cfg.data.batching == "pack" else PaddedBatches
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
@@ -120,14 +128,14 @@ def run_sft(cfg: FinetuneConfig, *, overwrite: bool = False) -> dict[str, Any]:
              "training without evaluation")
 
     run, base_hash = start_run(cfg, "sft", model, inputs=[*cfg.data.train, *cfg.data.val, base.path],
-                               overwrite=overwrite)
+                               overwrite=overwrite, dist=dist)
     note = template_note(base.tokenizer, tokenizer)
     if note:
         info(note)
     config = run_config(cfg, model, block, base=base.path)
-    trainer = SFTTrainer(model, dataclasses.replace(cfg.train, block_size=block), run, train_data=train_data,
-                         val_data=val_data, tokenizer=tokenizer, config=config, lora=cfg.lora, base_hash=base_hash,
-                         base_path=base.path)
+    trainer = SFTTrainer(model, dataclasses.replace(cfg.train, block_size=block), run,
+                         train_data=rank_rows(train_data, dist), val_data=val_data, tokenizer=tokenizer, config=config,
+                         lora=cfg.lora, base_hash=base_hash, base_path=base.path, dist=dist)
     data_report = {
         "records": {"read": len(records.conversations) + len(records.rejects), "rejected": len(rejects),
                     "train_examples": len(train_ex), "val_examples": len(val_ex)},
@@ -135,13 +143,13 @@ def run_sft(cfg: FinetuneConfig, *, overwrite: bool = False) -> dict[str, Any]:
         "supervised_tokens_in_data": train_data.supervised_tokens,
         "batching": cfg.data.batching,
     }
-    if rejects:
+    if rejects and is_main(dist):
         write_rejects(run / "rejects.jsonl", rejects)
         info(f"{len(rejects)} records rejected ({_reason_text(data_report['rejects_by_reason'])}); "
              f"kept with their reasons in {run / 'rejects.jsonl'}")
     report = trainer.fit()
     return finish_report(run, report, {"method": "sft", "base": base.path, "lora": cfg.lora.r > 0,
-                                       "data": data_report})
+                                       "data": data_report}, dist)
 
 
 def _by_reason(rejects: list[dict]) -> dict[str, int]:

@@ -150,6 +150,9 @@ class _HFModel:
         self.max_tokens = context - self.tok.num_special_tokens_to_add(False)
         pad = self.tok.token_to_id("[PAD]")
         self.pad_id = pad if pad is not None else int(config.get("pad_token_id") or 0)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # its "Loading weights" bar would draw even into a log file
         try:
             self.model = AutoModel.from_pretrained(str(path), local_files_only=True)
         except (OSError, ValueError) as e:

@@ -45,6 +45,7 @@ from torch import nn
 
 from haina.core.device import resolve_device
 from haina.core.errors import HainaError
+from haina.core.log import info
 from haina.train.config import ParallelConfig
 
 # Set by torchrun (and by any launcher that follows its conventions: Slurm scripts export them too).
@@ -154,11 +155,16 @@ class Distributed:
             return model
         if self.tp > 1:  # tensor parallel alone: every rank reads the same rows, there is nothing to average
             return model
+        return self.ddp(model)
+
+    def ddp(self, module: nn.Module, find_unused_parameters: bool = False) -> nn.Module:
+        """`module` replicated on every rank with DDP (its gradients averaged over the replicas)."""
         from torch.nn.parallel import DistributedDataParallel
 
         # The model's buffers (rotary tables, masks) are constants: no need to broadcast them every forward.
-        return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                                       process_group=self.mesh["dp_replicate"].get_group(), forward_sync_buffers=False)
+        return DistributedDataParallel(module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                                       process_group=self.mesh["dp_replicate"].get_group(), forward_sync_buffers=False,
+                                       find_unused_parameters=find_unused_parameters)
 
     def gradient_sync(self, module: nn.Module, enabled: bool) -> contextlib.AbstractContextManager:
         """Around a micro-batch's forward and backward: reduce gradients over ranks only if `enabled`.
@@ -304,11 +310,19 @@ class RankRows:
     def __init__(self, source: Any, rank: int, world_size: int):
         self.source, self.rank, self.world_size = source, rank, world_size
 
-    def get_batch(self, batch_size: int, block_size: int,
-                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = self.source.get_batch(batch_size * self.world_size, block_size, generator)
+    def get_batch(self, batch_size: int, block_size: int, generator: torch.Generator) -> Any:
+        """This rank's rows of the global batch: (inputs, targets), or a fine-tuning batch's dict of row tensors.
+
+        A dict's tensors with one row per example are sliced; anything else is kept as it is, so a count over
+        the whole batch must come per row (a tensor) to be this rank's.
+        """
+        batch = self.source.get_batch(batch_size * self.world_size, block_size, generator)
         rows = slice(self.rank * batch_size, (self.rank + 1) * batch_size)
-        return x[rows], y[rows]
+        if isinstance(batch, dict):
+            n = batch_size * self.world_size
+            return {k: v[rows] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n else v
+                    for k, v in batch.items()}
+        return tuple(t[rows] for t in batch)
 
     def eval_batches(self, batch_size: int, block_size: int,
                      max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -426,6 +440,24 @@ def same_on_every_rank() -> Iterator[None]:
         raise
 
 
+def launch_options(nproc: int, max_restarts: int, resume: bool, overwrite: bool) -> tuple[bool, bool]:
+    """Check a command's --nproc and --max-restarts; (resume, overwrite) as this process must use them.
+
+    When torchrun has restarted the job after a process failed (`restart_count`), the run continues from its
+    last checkpoint: resume, and never --overwrite it.
+    """
+    if nproc < 1 or max_restarts < 0:
+        raise HainaError(f"--nproc must be at least 1 and --max-restarts at least 0, got {nproc} and {max_restarts}")
+    if max_restarts and nproc == 1:
+        raise HainaError("--max-restarts restarts the processes that --nproc starts; under your own torchrun, pass "
+                         "torchrun's --max-restarts")
+    if restart_count() > 0:
+        if env_rank() == 0:
+            info(f"restart {restart_count()} of this job: resuming from the last checkpoint")
+        return True, False
+    return resume, overwrite
+
+
 def relaunch(nproc: int, argv: list[str], max_restarts: int = 0) -> int:
     """Run `python -m haina ARGV` in `nproc` processes on this machine under torchrun; its exit status.
 
@@ -461,5 +493,6 @@ def relaunch(nproc: int, argv: list[str], max_restarts: int = 0) -> int:
     return 0
 
 
-__all__ = ["Distributed", "GatheredModel", "QuietLog", "RankRows", "env_rank", "env_world_size", "lost_peer",
+__all__ = ["Distributed", "GatheredModel", "QuietLog", "RankRows", "env_rank", "env_world_size", "launch_options",
+           "lost_peer",
            "relaunch", "restart_count", "same_on_every_rank", "session", "setup", "teardown", "under_torchrun"]

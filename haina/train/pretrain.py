@@ -145,16 +145,7 @@ def pretrain(config: str, data: str | None = None, out: str | None = None, resum
         max_restarts: with --nproc, how often torchrun restarts the job after a process fails (torchrun's
             --max-restarts); each restart resumes from the last checkpoint, so set train.save_every.
     """
-    if nproc < 1 or max_restarts < 0:
-        raise HainaError(f"--nproc must be at least 1 and --max-restarts at least 0, got {nproc} and {max_restarts}")
-    if max_restarts and nproc == 1:
-        raise HainaError("--max-restarts restarts the processes that --nproc starts; under your own torchrun, pass "
-                         "torchrun's --max-restarts")
-    if distributed.restart_count() > 0:
-        # torchrun started the job again after a process failed: continue the run, never start it over.
-        resume, overwrite = True, False
-        if distributed.env_rank() == 0:
-            info(f"restart {distributed.restart_count()} of this job: resuming from the last checkpoint")
+    resume, overwrite = distributed.launch_options(nproc, max_restarts, resume, overwrite)
     with distributed.same_on_every_rank():  # under torchrun, every rank reads the same recipe
         cfg = load_pretrain_config(config, data=data, out=out, resume=resume, overrides=overrides,
                                    objective=objective)

@@ -10,6 +10,7 @@ pretraining, SFT, LoRA and distillation lives in small methods a subclass overri
     loss_weight(batch)            how many targets that mean is over (supervised tokens; DPO: pairs)
     batch_tokens(batch)           the input tokens it trains on (padding excluded), for throughput
     trainable_parameters()        (name, parameter) pairs the optimizer updates
+    parallelize()                 the module training runs through under torchrun (a classifier: with its head)
     write_weights(dir) / read_weights(dir)   the model's part of a checkpoint (LoRA: only its adapters)
     eval_batches() / eval_step()  validation data and the per-batch (loss sum, count)
 
@@ -121,7 +122,7 @@ class Trainer:
             pack_linears(self.model, train=True)  # applied from outside: the model's layers stay nn.Linear
         # Parallelism is applied from outside: DDP wraps the model, FSDP2 shards it in place. Training runs through
         # `self.wrapped`; saving reads `self.model` (gathered onto rank 0 when sharded).
-        self.wrapped: nn.Module = self.model if dist is None else dist.parallelize(self.model)
+        self.wrapped: nn.Module = self.model if dist is None else self.parallelize()
         self._gathered: dict[str, torch.Tensor] | None = None  # a sharded model's whole weights while saving
         self._shards: Path | None = None  # every rank's part of a sharded checkpoint, while saving
         self._pending: sharded.PendingShards | None = None  # a checkpoint being written in the background
@@ -156,6 +157,10 @@ class Trainer:
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """(name, parameter) pairs to optimize; LoRA returns only its adapters."""
         return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
+    def parallelize(self) -> nn.Module:
+        """The module training runs through under torchrun: `self.model` as DDP, FSDP2 or tensor parallel."""
+        return self.dist.parallelize(self.model)
 
     def build_optimizer(self) -> torch.optim.Optimizer:
         c = self.cfg
