@@ -23,6 +23,7 @@ import torch
 
 from haina.core.errors import HainaError
 from haina.finetune.sft_data import Example
+from haina.model.transformer import segment_positions_and_mask  # the model's side of packing (classifiers use it too)
 
 __all__ = ["IGNORE_INDEX", "PackedBatches", "PaddedBatches", "segment_positions_and_mask"]
 
@@ -194,24 +195,3 @@ class PackedBatches:
             room -= width
         if rows and (max_batches is None or done < max_batches):
             yield self.data.packed(rows, block_size)
-
-
-def segment_positions_and_mask(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positions (B, T) restarting at 0 for each document, and the attention mask (B, 1, T, T).
-
-    The mask is True where a query may attend: causal and within its own document. A padding position
-    (segment -1) attends only to itself: SDPA gives NaN for a query that may attend to nothing, and a NaN
-    would reach the loss through the backward pass even though padding has no target.
-    """
-    T = segments.shape[1]
-    t = torch.arange(T, device=segments.device)
-    # Documents are contiguous: a document starts where the segment changes.
-    starts = torch.ones_like(segments, dtype=torch.bool)
-    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
-    first = torch.where(starts, t, torch.zeros_like(t)).cummax(dim=1).values
-    positions = t - first  # (B, T)
-    same = segments[:, :, None] == segments[:, None, :]  # (B, T, T)
-    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
-    mask = same & causal & (segments >= 0)[:, :, None]
-    mask |= torch.eye(T, dtype=torch.bool, device=segments.device)
-    return positions, mask[:, None]

@@ -41,8 +41,9 @@ from haina.core.errors import HainaError
 from haina.core.io import atomic_path, read_json, write_json, write_yaml
 from haina.data.records import label_name
 from haina.model.checkpoint import CONFIG, load_model, read_weights, resolve_checkpoint, save_model
+from haina.model.config import ModelConfig
 from haina.model.packed import pack_linears
-from haina.model.transformer import Transformer
+from haina.model.transformer import Transformer, segment_positions_and_mask
 from haina.tokenizer import Tokenizer
 
 CLASSIFIER_WEIGHTS = "classifier.safetensors"
@@ -111,6 +112,20 @@ def pad_batch(sequences: Sequence[Sequence[int]], pad_id: int = 0,
     return idx.to(device), lengths.to(device)
 
 
+# Packing pays when padding is most of the batch; its attention is dense over all the texts (masked), so the row
+# stays short. Measured by benchmarks/classify.py (BENCHMARKS.md, classification).
+PACK_MAX_TOKENS = 1024
+PACK_MAX_FILL = 0.75  # pack when the real tokens fill at most this share of the padded batch
+
+
+def _worth_packing(cfg: ModelConfig, B: int, T: int, lengths: torch.Tensor) -> bool:
+    """Whether a batch computes faster as one packed row (causal models only: an encoder's mask differs)."""
+    if B < 2 or not cfg.causal:
+        return False
+    n = int(lengths.sum())
+    return int(lengths.min()) >= 1 and n <= PACK_MAX_TOKENS and n <= PACK_MAX_FILL * B * T
+
+
 class Classifier(nn.Module):
     """A Transformer backbone, a pooling of its final hidden states, and a linear head (B, C) -> (B, K).
 
@@ -133,6 +148,8 @@ class Classifier(nn.Module):
     def pool(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Right-padded ids (B, T) with real lengths (B,) -> pooled hidden states (B, C)."""
         B, T = idx.shape
+        if _worth_packing(self.backbone.cfg, B, T, lengths):
+            return self._pool_packed(idx, lengths)
         real = torch.arange(T, device=idx.device)[None, :] < lengths[:, None]  # (B, T)
         mask = None
         if not getattr(self.backbone.cfg, "causal", True):
@@ -148,6 +165,29 @@ class Classifier(nn.Module):
         select = torch.zeros(B, T, dtype=torch.bool, device=idx.device)
         select[torch.arange(B, device=idx.device), pos] = True
         return self.backbone.hidden_states(idx, attn_mask=mask, select=select)  # (B, C), rows in batch order
+
+    def _pool_packed(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """`pool` without the padding: the batch's texts end to end in one row, each attending only to itself.
+
+        Short texts of uneven length leave most of a padded batch padding (docstrings of 17 tokens on average,
+        padded to their batch's longest: 2.7 rows computed per real token); every Linear layer then runs on the
+        real tokens only. Positions restart at each text and the mask is causal within it, so each text's
+        hidden states are those it has alone, as in the padded batch.
+        """
+        B, T = idx.shape
+        real = torch.arange(T, device=idx.device)[None, :] < lengths[:, None]
+        flat = idx[real][None]  # (1, N): row-major, so each text's tokens are contiguous and in batch order
+        segments = torch.repeat_interleave(torch.arange(B, device=idx.device), lengths)[None]
+        positions, mask = segment_positions_and_mask(segments)
+        if self.cfg.pooling == "mean":
+            h = self.backbone.hidden_states(flat, positions=positions, attn_mask=mask)[0]  # (N, C)
+            sums = torch.zeros(B, h.shape[-1], device=h.device, dtype=h.dtype).index_add_(0, segments[0], h)
+            return sums / lengths[:, None].to(h.dtype)
+        ends = torch.cumsum(lengths, 0)
+        pos = ends - 1 if self.cfg.pooling == "last" else ends - lengths
+        select = torch.zeros(1, flat.shape[1], dtype=torch.bool, device=idx.device)
+        select[0, pos] = True
+        return self.backbone.hidden_states(flat, positions=positions, attn_mask=mask, select=select)  # (B, C)
 
     def forward(self, idx: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Right-padded ids (B, T) and real lengths (B,) -> logits (B, K)."""

@@ -198,6 +198,27 @@ class Transformer(nn.Module):
         self.load_state_dict(sd, strict=False)
 
 
+def segment_positions_and_mask(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions (B, T) restarting at 0 for each document, and the attention mask (B, 1, T, T).
+
+    The mask is True where a query may attend: causal and within its own document. A padding position
+    (segment -1) attends only to itself: SDPA gives NaN for a query that may attend to nothing, and a NaN
+    would reach the loss through the backward pass even though padding has no target.
+    """
+    T = segments.shape[1]
+    t = torch.arange(T, device=segments.device)
+    # Documents are contiguous: a document starts where the segment changes.
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    first = torch.where(starts, t, torch.zeros_like(t)).cummax(dim=1).values
+    positions = t - first  # (B, T)
+    same = segments[:, :, None] == segments[:, None, :]  # (B, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
+    mask = same & causal & (segments >= 0)[:, :, None]
+    mask |= torch.eye(T, dtype=torch.bool, device=segments.device)
+    return positions, mask[:, None]
+
+
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
     """Mean next-token cross-entropy over targets != ignore_index; logits (B, T, V), targets (B, T).
 

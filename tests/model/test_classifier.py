@@ -132,3 +132,46 @@ def test_a_damaged_head_is_named(tok, tmp_path):
         f.truncate(40)
     with pytest.raises(HainaError, match=CLASSIFIER_WEIGHTS):
         load_classifier(tmp_path / "clf")
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean", "first"])
+@pytest.mark.parametrize("layout", [{}, {"pos": "rope", "mlp": "swiglu", "n_head": 4, "n_kv_head": 2}])
+def test_a_packed_batch_pools_and_trains_as_the_padded_one(pooling, layout, monkeypatch):
+    """Uneven short texts run as one packed row (no padding computed): the same pooled states and gradients."""
+    import haina.model.classifier as classifier_module
+
+    cfg = ModelConfig.from_dict({"preset": "tiny", "vocab_size": 64, "block_size": 64, **layout})
+    torch.manual_seed(0)
+    clf = Classifier(Transformer(cfg), ClassifierConfig(labels=("a", "b", "c"), pooling=pooling))
+    lengths = torch.tensor([3, 17, 5, 40, 1, 9])
+    idx = torch.randint(1, 64, (6, 40))
+    for b, n in enumerate(lengths):
+        idx[b, n:] = 0
+    assert classifier_module._worth_packing(cfg, 6, 40, lengths)  # 75 real tokens of 240
+
+    def run() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        clf.zero_grad()
+        logits = clf(idx, lengths)
+        logits.square().sum().backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in clf.named_parameters() if p.grad is not None}
+
+    packed, packed_grads = run()
+    monkeypatch.setattr(classifier_module, "PACK_MAX_FILL", 0.0)  # the padded path
+    padded, padded_grads = run()
+    torch.testing.assert_close(packed, padded, rtol=1e-5, atol=1e-6)
+    assert packed_grads.keys() == padded_grads.keys()
+    for name, grad in padded_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_only_uneven_causal_batches_are_packed():
+    from haina.model.classifier import _worth_packing
+
+    causal = ModelConfig.from_dict({"preset": "tiny", "vocab_size": 64, "block_size": 64})
+    encoder = ModelConfig.from_dict({"preset": "tiny", "vocab_size": 64, "block_size": 64, "causal": False})
+    uneven, even = torch.tensor([3, 40, 2, 5]), torch.tensor([38, 40, 39, 40])
+    assert _worth_packing(causal, 4, 40, uneven)
+    assert not _worth_packing(causal, 4, 40, even)  # little padding: the padded batch's flash attention wins
+    assert not _worth_packing(encoder, 4, 40, uneven)  # bidirectional: another mask
+    assert not _worth_packing(causal, 1, 40, torch.tensor([3]))
+    assert not _worth_packing(causal, 64, 64, torch.full((64,), 20))  # 1,280 tokens: dense attention too long

@@ -160,6 +160,16 @@ def test_shards_of_another_model_are_one_line_before_reading(fsdp_half):
         load_shards(step, other, None)
 
 
+def test_resuming_shards_with_another_model_is_one_line(setup, fsdp_half):
+    root, data, recipe = setup
+    out = root / "other-model"
+    shutil.copytree(fsdp_half, out)
+    cfg = load_pretrain_config(str(recipe), data=str(data), out=str(out), resume=True,
+                               overrides=["train.batch_size=4", "model.n_embd=48"])
+    with pytest.raises(HainaError, match=r"^cannot resume: .* was trained with another architecture \(n_embd: 32 → 48"):
+        run_pretrain(cfg, claim=True)
+
+
 def test_torchrun_restarts_a_killed_rank_and_the_job_resumes(setup, reference):
     """Rank 1 dies at step 12 on the first try; torchrun --max-restarts 1 starts both again from step 10."""
     root, data, recipe = setup
