@@ -16,7 +16,10 @@
    definition's header, naming all the question's content terms) are numbered first: in a context that holds
    two or three sources, the one defining `json.dumps` matters more than three that call it. On the stdlib
    questions of `haina rag qa` this put the answer chunk among the sources shown for 90% of questions rather
-   than 76%, and first for 87% rather than 63% (hybrid retrieval, a 256-token context). The prompt must
+   than 76%, and first for 87% rather than 63% (hybrid retrieval, a 256-token context). Before them come the
+   chunks whose unindented line spells out the exact name the question quotes or dots ("async with",
+   `_pydecimal.Decimal.normalize`): "introduces" matches `async for` to 'the "async with" statement' as well,
+   the terms of both being async and statement. The prompt must
    leave room for the answer (min(max_new_tokens, context / 4) tokens), so sources are cut to fit: each gets
    a fair share of what is left, lines longer than a third of a share are shortened, and of a source longer
    than its share the window of lines holding the most question terms is shown (it starts at a line holding
@@ -46,9 +49,24 @@ import numpy as np
 from haina.core.errors import HainaError
 from haina.rag.store import Hit
 
-__all__ = ["ATTACH_OVERLAP", "MIN_OVERLAP", "Answer", "Prompt", "answer", "answer_batch", "ask_command",
-           "build_prompt", "introduces", "load_generator", "parse_citations", "relevant_hits", "render_message",
-           "terms_for"]
+__all__ = [
+    "ATTACH_OVERLAP",
+    "MIN_OVERLAP",
+    "Answer",
+    "Prompt",
+    "answer",
+    "answer_batch",
+    "ask_command",
+    "build_prompt",
+    "exact_names",
+    "introduces",
+    "load_generator",
+    "names_exactly",
+    "parse_citations",
+    "relevant_hits",
+    "render_message",
+    "terms_for",
+]
 
 MIN_OVERLAP = 0.6  # share of the question's content terms a relevant chunk holds: 2 of 2, 2 of 3, 3 of 4
 ATTACH_OVERLAP = 0.5  # share of the answer's content terms a source must hold to be cited for an unmarked answer
@@ -259,6 +277,21 @@ def _shares(needs: list[int], available: int) -> list[int]:
     return out
 
 
+# What a question names exactly: a quoted phrase ("async with") or a dotted name (json.dumps, _pydecimal.Decimal.abs).
+_EXACT = re.compile(r'"([^"\n]{2,60})"|([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+)')
+
+
+def exact_names(question: str) -> list[str]:
+    """The phrases a question quotes and the dotted names it spells, verbatim."""
+    return [a or b for a, b in _EXACT.findall(question)]
+
+
+def names_exactly(hit: Hit, names: Sequence[str]) -> bool:
+    """Whether `hit` has an unindented line (a heading, a definition's header) holding one of `names` verbatim."""
+    return bool(names) and any(line.strip() and not line[:1].isspace() and any(n in line for n in names)
+                               for line in hit.text.split("\n"))
+
+
 def introduces(hit: Hit, wanted: set[str], terms: Terms) -> bool:
     """Whether `hit` has an unindented line (a heading, a definition's header up to its "(") that names every
     content term of the question: the chunk that introduces what is asked about."""
@@ -293,7 +326,9 @@ def build_prompt(question: str, hits: Sequence[Hit], tokenizer: Any, *, context:
     wanted = terms(question)
     hits = list(hits)
     if introductions_first:
-        hits.sort(key=lambda h: not introduces(h, wanted, terms))  # stable: retrieval order within each group
+        names = exact_names(question)
+        # Stable: retrieval order within each group.
+        hits.sort(key=lambda h: (not names_exactly(h, names), not introduces(h, wanted, terms)))
     while hits:
         labels = [source_label(h) for h in hits]
         overhead = len(_encode(tokenizer, render_message(question, [(lab, "") for lab in labels]), chat))
@@ -364,7 +399,7 @@ def _finish(answer: Answer, text: str, terms: Terms) -> Answer:
 
 
 # ---------------------------------------------------------------------------------------- answering
-def answer_batch(questions: Sequence[str], retriever: Any, generator: Any, *, top_k: int = 5,
+def answer_batch(questions: Sequence[str], retriever: Any, generator: Any, *, top_k: int = 8,
                  mode: str = "hybrid", where: Mapping[str, Any] | None = None, max_new_tokens: int = 128,
                  min_overlap: float = MIN_OVERLAP, min_similarity: float | None = None,
                  batch_size: int = 16) -> list[Answer]:
@@ -437,11 +472,11 @@ def load_generator(checkpoint: str, device: str = "auto", batch_size: int = 16) 
     return TextGenerator(Engine(model, max_batch_size=batch_size, eos_token_id=tokenizer.eos_id), tokenizer)
 
 
-def ask_command(question: str, /, collection: str, checkpoint: str, top_k: int = 5, mode: str = "hybrid",
+def ask_command(question: str, /, collection: str, checkpoint: str, top_k: int = 8, mode: str = "hybrid",
                 where: str | None = None, max_new_tokens: int = 128, min_overlap: float = MIN_OVERLAP,
                 min_similarity: float | None = None, json: bool = False, device: str = "auto",
                 store: str = "runs/rag", server: str | None = None, backend: str = "chroma",
-                bm25_dir: str | None = None) -> int:
+                bm25_dir: str | None = None, dense_weight: float = 0.5) -> int:
     """Answer a question from a collection, citing the chunks the answer comes from.
 
     Retrieves the best chunks, keeps those that hold at least --min-overlap of the question's content words
@@ -468,6 +503,7 @@ def ask_command(question: str, /, collection: str, checkpoint: str, top_k: int =
         server: a Chroma server URL, e.g. http://127.0.0.1:8000, instead of --store.
         backend: chroma or exact.
         bm25_dir: where BM25 indexes live (default: <store>/.bm25, or runs/rag-bm25/<host>_<port> for --server).
+        dense_weight: hybrid fusion's weight of the dense list, BM25's being 1 (measured: haina.rag.retrieve).
     """
     import json as jsonlib
 
@@ -479,7 +515,7 @@ def ask_command(question: str, /, collection: str, checkpoint: str, top_k: int =
     flt = parse_where(where)
     generator = load_generator(checkpoint, device, batch_size=1)
     with open_for_command(store, server, backend) as s:
-        retriever = Retriever(s, collection, bm25_dir=bm25_dir, device=device)
+        retriever = Retriever(s, collection, bm25_dir=bm25_dir, device=device, dense_weight=dense_weight)
         a = answer(question, retriever, generator, top_k=top_k, mode=mode, where=flt, max_new_tokens=max_new_tokens,
                    min_overlap=min_overlap, min_similarity=min_similarity)
     if json:

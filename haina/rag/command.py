@@ -390,7 +390,8 @@ def get_command(collection: str, ids: list[str] | None = None, where: str | None
 def query_command(collection: str, text: str, where: str | None = None, top_k: int = 5, mode: str = "hybrid",
                   candidates: int = 50, embedder: str | None = None, rerank: str | None = None,
                   rerank_depth: int = 20, json: bool = False, device: str = "auto", store: str = STORE_DEFAULT,
-                  server: str | None = None, backend: str = "chroma", bm25_dir: str | None = None) -> None:
+                  server: str | None = None, backend: str = "chroma", bm25_dir: str | None = None,
+                  dense_weight: float = 0.5) -> None:
     """Search a collection: the best chunks for a text, as a table or (--json) one JSON object per hit.
 
     Scores: dense, the similarity of embeddings; bm25, the BM25 score; hybrid, the reciprocal-rank-fusion score
@@ -412,12 +413,14 @@ def query_command(collection: str, text: str, where: str | None = None, top_k: i
         server: a Chroma server URL, e.g. http://127.0.0.1:8000, instead of --store.
         backend: chroma or exact.
         bm25_dir: where BM25 indexes live (default: <store>/.bm25, or runs/rag-bm25/<host>_<port> for --server).
+        dense_weight: hybrid fusion's weight of the dense list, BM25's being 1 (measured: haina.rag.retrieve).
     """
     from haina.rag.retrieve import Retriever
 
     flt = parse_where(where)
     with open_for_command(store, server, backend) as s:
-        retriever = Retriever(s, collection, embedder=embedder, bm25_dir=bm25_dir, reranker=rerank, device=device)
+        retriever = Retriever(s, collection, embedder=embedder, bm25_dir=bm25_dir, reranker=rerank, device=device,
+                              dense_weight=dense_weight)
         hits = retriever.search(text, top_k=top_k, where=flt, mode=mode, candidates=candidates,
                                 rerank_depth=rerank_depth)
     if json:

@@ -125,10 +125,11 @@ def _answer_metrics(items: Sequence[dict[str, Any]], answers: Sequence[Any]) -> 
 
 
 def rag_eval_command(collection: str, qa: str, out: str, checkpoint: str | None = None, top_k: int = 10,
-                     mode: str | None = None, answer_top_k: int = 5, max_new_tokens: int = 128,
+                     mode: str | None = None, answer_top_k: int = 8, max_new_tokens: int = 128,
                      min_overlap: float = 0.6, min_similarity: float | None = None, limit: int | None = None,
                      batch_size: int = 16, device: str = "auto", store: str = "runs/rag", server: str | None = None,
-                     backend: str = "chroma", bm25_dir: str | None = None, overwrite: bool = False) -> int:
+                     backend: str = "chroma", bm25_dir: str | None = None, overwrite: bool = False,
+                     dense_weight: float = 0.5) -> int:
     """Evaluate retrieval (recall@k, MRR, nDCG@10 per mode) and, with --checkpoint, the answers' citations.
 
     Reads a question set whose answer chunks are known (`haina rag qa` writes one) and writes OUT/report.json,
@@ -155,6 +156,7 @@ def rag_eval_command(collection: str, qa: str, out: str, checkpoint: str | None 
         backend: chroma or exact.
         bm25_dir: where BM25 indexes live (default: <store>/.bm25, or runs/rag-bm25/<host>_<port> for --server).
         overwrite: replace an existing OUT that is not an eval report.
+        dense_weight: hybrid fusion's weight of the dense list, BM25's being 1 (measured: haina.rag.retrieve).
     """
     from haina.core.log import progress
     from haina.eval.report import Report, eval_output, markdown_table, print_summary, write_report
@@ -172,7 +174,7 @@ def rag_eval_command(collection: str, qa: str, out: str, checkpoint: str | None 
     ks = [k for k in KS if k <= top_k]
     with eval_output(out, KIND, inputs=[qa, checkpoint], overwrite=overwrite) as tmp, \
             open_for_command(store, server, backend) as s:
-        retriever = Retriever(s, collection, bm25_dir=bm25_dir, device=device)
+        retriever = Retriever(s, collection, bm25_dir=bm25_dir, device=device, dense_weight=dense_weight)
         modes = [mode] if mode is not None else (["bm25"] if retriever.bm25_only else ["hybrid", "dense", "bm25"])
         if retriever.bm25_only and mode == "dense":
             raise HainaError(f"collection {collection!r} is BM25-only: it has no dense mode to evaluate")

@@ -182,7 +182,7 @@ def read_qa(path: str | Path) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------------------- fine-tuning data
-def sft_records(items: Sequence[dict[str, Any]], retriever: Any, tokenizer: Any, *, context: int, top_k: int = 5,
+def sft_records(items: Sequence[dict[str, Any]], retriever: Any, tokenizer: Any, *, context: int, top_k: int = 8,
                 mode: str = "hybrid", max_new_tokens: int = 128, seed: int = 0) -> tuple[list[dict], Counter]:
     """{"prompt", "response", "doc"} records that teach citing (see the module docstring), and counts."""
     from haina.rag.ask import build_prompt, relevant_hits, terms_for
@@ -220,9 +220,10 @@ def _write_jsonl(path: Path, rows: Iterable[dict]) -> None:
 
 def qa_command(collection: str, out: str, n: int = 500, seed: int = 0,
                split: Literal["all", "train", "test"] = "all", test_fraction: float = 0.2,
-               sft_out: str | None = None, checkpoint: str | None = None, top_k: int = 5, mode: str = "hybrid",
+               sft_out: str | None = None, checkpoint: str | None = None, top_k: int = 8, mode: str = "hybrid",
                max_new_tokens: int = 128, device: str = "auto", store: str = "runs/rag", server: str | None = None,
-               backend: str = "chroma", bm25_dir: str | None = None, overwrite: bool = False) -> int:
+               backend: str = "chroma", bm25_dir: str | None = None, overwrite: bool = False,
+               dense_weight: float = 0.5) -> int:
     """Build a question set from a collection's chunks, each question with the chunk that answers it.
 
     Questions ask about the names a chunk documents ("What does json.dumps do?") and the sections it opens, and
@@ -249,6 +250,7 @@ def qa_command(collection: str, out: str, n: int = 500, seed: int = 0,
         backend: chroma or exact.
         bm25_dir: where BM25 indexes live (default: <store>/.bm25, or runs/rag-bm25/<host>_<port> for --server).
         overwrite: replace an existing --sft-out directory that is not a `haina rag qa` output.
+        dense_weight: hybrid fusion's weight of the dense list, BM25's being 1 (measured: haina.rag.retrieve).
     """
     from haina.core.io import atomic_path, write_json
     from haina.core.output import output_dir
@@ -275,7 +277,7 @@ def qa_command(collection: str, out: str, n: int = 500, seed: int = 0,
             if tok is None:
                 raise HainaError(f"checkpoint {checkpoint} has no tokenizer/ directory; the prompts need it")
             tokenizer = prepare_chat_tokenizer(tok, model.cfg.vocab_size)  # as `finetune sft` will render them
-            retriever = Retriever(s, collection, bm25_dir=bm25_dir, device=device)
+            retriever = Retriever(s, collection, bm25_dir=bm25_dir, device=device, dense_weight=dense_weight)
             records, sft_counts = sft_records(items, retriever, tokenizer, context=model.cfg.block_size,
                                               top_k=top_k, mode=mode, max_new_tokens=max_new_tokens, seed=seed)
             with output_dir(sft_out, COMMAND, inputs=[checkpoint], overwrite=overwrite,

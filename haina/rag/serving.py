@@ -72,7 +72,7 @@ class RagContext:
     """
 
     def __init__(self, collection: str, *, store: str = STORE_DEFAULT, server: str | None = None,
-                 backend: str = "chroma", top_k: int = 4, mode: str = "hybrid", bm25_dir: str | None = None,
+                 backend: str = "chroma", top_k: int = 8, mode: str = "hybrid", bm25_dir: str | None = None,
                  device: str = "auto"):
         from haina.rag.retrieve import Retriever
         from haina.rag.store import open_store
@@ -126,7 +126,7 @@ def fit_sources(messages: Messages, sources: list[dict[str, Any]], fits: Callabl
 # ---------------------------------------------------------------------------------------- haina serve --rag
 def serve_rag_command(*args: Any, rag: str | None = None, rag_store: str = STORE_DEFAULT,
                       rag_server: str | None = None, rag_backend: Literal["chroma", "exact"] = "chroma",
-                      rag_top_k: int = 4, rag_mode: Literal["hybrid", "dense", "bm25"] = "hybrid",
+                      rag_top_k: int = 8, rag_mode: Literal["hybrid", "dense", "bm25"] = "hybrid",
                       rag_bm25_dir: str | None = None, **serve_args: Any) -> int:
     """With --rag NAME, every chat completion is grounded in collection NAME: the passages retrieved for the
     last user message go into the system message as numbered sources the model is told to cite, and the

