@@ -19,6 +19,7 @@ from haina.core.log import info
 from haina.core.output import check_output, claim_output, read_manifest
 from haina.core.seed import seed_everything
 from haina.data.shards import TokenShards, check_tokenizer, find_tokenizer, read_meta
+from haina.model.checkpoint import SHARDS
 from haina.model.transformer import Transformer
 from haina.tokenizer import Tokenizer
 from haina.train import distributed
@@ -179,7 +180,11 @@ def pretrain(config: str, data: str | None = None, out: str | None = None, resum
     if report["skipped_steps"] or report["rollbacks"]:
         print(f"skipped {len(report['skipped_steps'])} steps with a non-finite loss or gradient, rolled back "
               f"{len(report['rollbacks'])} times (see report.json)")
-    print(f"run: {cfg.out}   checkpoint: {report.get('best_checkpoint')}")
+    best = report.get("best_checkpoint")
+    print(f"run: {cfg.out}   checkpoint: {best}")
+    if best and (Path(best) / SHARDS).is_dir():  # one file per rank: what generate, serve and export hf read is made
+        print(f"sharded checkpoint: for generate, serve or export hf run  haina export checkpoint --checkpoint "
+              f"{cfg.out} --out DIR")
     return 0
 
 

@@ -73,6 +73,7 @@ def fsdp_half(setup):
     r = torchrun("-m", "haina", "pretrain", "--config", recipe, "--data", data, "--out", out,
                  "--parallel.dp_shard=2", f"--train.max_steps={HALF}")
     assert r.returncode == 0, r.stderr
+    assert f"haina export checkpoint --checkpoint {out} --out DIR" in r.stdout  # the summary says how to use it
     return out
 
 
