@@ -19,6 +19,7 @@ from haina.rag.ask import (
     answer_batch,
     ask_command,
     build_prompt,
+    defines,
     exact_names,
     parse_citations,
     relevant_hits,
@@ -133,6 +134,37 @@ def test_the_chunk_naming_the_exact_name_comes_before_a_near_namesake(tokenizer,
     assert exact_names('What does _pydecimal.Decimal.normalize do? And "async with"?') == [
         "_pydecimal.Decimal.normalize", "async with"]
     assert exact_names("Explain OR Patterns.") == []
+
+
+def test_the_chunk_defining_the_name_with_its_documentation_comes_first(tokenizer, retriever):
+    """Cases from the stdlib questions where the chunk numbered first did not hold the answer."""
+    terms = terms_for(retriever)
+
+    def first(question, hits):
+        p = build_prompt(question, hits, tokenizer, context=256, max_new_tokens=64, terms=terms)
+        return p.sources[0]["id"]
+
+    # The header at the end of a chunk is the overlap its neighbour repeats, with the documentation under it.
+    tail = hit(0, "kitchen.fry(pan)\n\n    Fry in a pan.\n\nkitchen.boil(water, minutes=9)", "kitchen.py")
+    whole = hit(1, "kitchen.boil(water, minutes=9)\n\n    Boil the water in a pot.\n\nkitchen.bake(tray)", "kitchen.py")
+    assert first("What does kitchen.boil do?", [tail, whole]) == "kitchen.py:1"
+    # A method of the name defines something else: `class kitchen.Oven` is what "kitchen.Oven" asks about.
+    method = hit(0, "kitchen.Oven.heat(self, degrees)\n\n    Heat the oven.", "kitchen.py")
+    cls = hit(1, "class kitchen.Oven(object)\n\n    An oven that bakes bread.", "kitchen.py")
+    assert first("What is kitchen.Oven for?", [method, cls]) == "kitchen.py:1"
+    # "the pots module": the module's own header, not one whose prose mentions pots.
+    mentions = hit(0, "module kitchen\n\nTools for pots and ovens.\n\nkitchen.boil(water)", "kitchen.py")
+    pots = hit(1, "module pots\n\nPots of every size.", "pots.py")
+    assert defines(pots, "What does the pots module provide?", [], set(), terms)
+    assert first("What does the pots module provide?", [mentions, pots]) == "pots.py:1"
+    # The section's own heading (underlined), not a continuation whose lines mention the statement, nor a doctest
+    # line followed by `...` (no underline: indented, and shorter than the line).
+    doctest = hit(0, 'return 42\n   ...\n\nWhen a "return" statement is executed in the "finally" clause', "topics",
+                  '"finally" clause')
+    heading = hit(1, 'The "return" statement\n**********************\n\n   return_stmt ::= "return" [list]', "topics",
+                  'The "return" statement')
+    assert first('Explain the "return" statement.', [doctest, heading]) == "topics:1"
+    assert not defines(doctest, 'Explain the "return" statement.', ["return"], terms("return statement"), terms)
 
 
 def test_parse_citations_drops_and_counts_markers_naming_no_source():
