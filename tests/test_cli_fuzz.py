@@ -78,6 +78,8 @@ def _finetuning(root: Path, lines: list[str]) -> None:
         f.writelines(json.dumps({"messages": [{"role": "user", "content": lines[i][:8]},
                                               {"role": "assistant", "content": lines[i + 1][:8]}]}) + "\n"
                      for i in range(0, 80, 2))
+    with open(root / "pairs.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({"query": lines[i][:12], "passage": lines[i + 1][:24]}) + "\n" for i in range(0, 80, 2))
     with open(root / "prefs.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps({"prompt": lines[i][:8], "chosen": lines[i + 1][:6], "rejected": lines[i + 2][:6]})
                      + "\n" for i in range(0, 90, 3))
@@ -476,6 +478,15 @@ CASES += [
           ("base-weights-truncated", truncate, "ckpt/model.safetensors", "model.safetensors"),
           ("out-is-file", to_file, "out", "out")]],
     _case("classify-no-head", "classify --checkpoint {c}/ckpt --text hello", "ckpt", (), "classifier head"),
+    *[_case(f"embed-train-{name}", "finetune embed --base {c}/ckpt --data {c}/" + data + " --out {c}/out",
+            "ckpt " + data, [(breaker, path)] if breaker else [], expect)
+      for name, data, breaker, path, expect in [
+          ("data-garbage", "pairs.jsonl", garbage, "pairs.jsonl", "pairs.jsonl"),
+          ("data-empty", "pairs.jsonl", empty, "pairs.jsonl", "pairs.jsonl"),
+          ("data-unreadable", "pairs.jsonl", unreadable, "pairs.jsonl", "pairs.jsonl"),
+          ("data-chat-not-pairs", "sft.jsonl", None, "", "no usable pair"),
+          ("base-weights-truncated", "pairs.jsonl", truncate, "ckpt/model.safetensors", "model.safetensors"),
+          ("out-is-file", "pairs.jsonl", to_file, "out", "out")]],
     # retrieval: broken input files and checkpoints, and a --store that is a file.
     _case("rag-index-input-garbage", "rag index --input {c}/labeled.jsonl --collection docs --store {c}/store "
           "--backend exact", "labeled.jsonl", [(garbage, "labeled.jsonl")], "labeled.jsonl"),

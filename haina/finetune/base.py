@@ -42,6 +42,7 @@ from haina.model.lora import (
 from haina.model.quant import refuse_quantized
 from haina.model.transformer import Transformer
 from haina.tokenizer import Tokenizer
+from haina.train import checkpoint as ckpt
 from haina.train import distributed
 from haina.train.config import TrainConfig
 from haina.train.distributed import Distributed
@@ -209,6 +210,18 @@ class FinetuneTrainer(Trainer):
                              "fine-tuning run, so resume it without --lora.r")
         load_adapter_state_dict(self.model, {k: v.to(self.device) for k, v in
                                              read_weights(checkpoint / ADAPTER_WEIGHTS).items()})
+
+    def load_best(self) -> Path | None:
+        """Put the best checkpoint's weights in place (when the run ended on another), the best by what
+        `eval_and_log` returned; returns its path (None when no checkpoint was ever evaluated)."""
+        index = ckpt.read_index(self.run_dir) or {}
+        best = index.get("best")
+        if not ckpt.is_step_name(best):
+            return None
+        path = ckpt.checkpoints_dir(self.run_dir) / best
+        if best != index.get("latest"):
+            self.read_weights(path)
+        return path
 
 
 def finish_report(run_dir: Path, report: dict[str, Any], extra: dict[str, Any],

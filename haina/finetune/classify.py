@@ -224,17 +224,6 @@ class ClassifyTrainer(FinetuneTrainer):
             f"macro-F1 {m['macro_f1']:.4f}")
         return m["val_loss"] if self.select_metric == "val_loss" else 1.0 - m[self.select_metric]
 
-    def load_best(self) -> Path | None:
-        """Put the best checkpoint's weights in place (when the run ended on another); returns its path."""
-        index = ckpt.read_index(self.run_dir) or {}
-        best = index.get("best")
-        if not ckpt.is_step_name(best):
-            return None
-        path = ckpt.checkpoints_dir(self.run_dir) / best
-        if best != index.get("latest"):
-            self.read_weights(path)
-        return path
-
 
 # ---------------------------------------------------------------------------------------- the run
 def _hold_out_missing(parsed: dict, cfg: FinetuneConfig, source: str) -> dict[str, bool]:

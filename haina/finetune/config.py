@@ -9,6 +9,7 @@ A recipe has the sections of a pretraining recipe, less `model` (the base fixes 
     distill:  the teacher and the mix of its soft targets with the labels
     dpo:      the preference loss
     classify: the text and label fields, the head, and the class-imbalance options
+    embed:    the query/passage fields, the pooling and the contrastive loss of a retriever
     parallel: how the processes torchrun starts share the work (`ParallelConfig`: DDP, or FSDP2 with dp_shard)
     out:      the run directory
 """
@@ -24,8 +25,8 @@ from haina.core.errors import HainaError
 from haina.model.lora import LoRAConfig
 from haina.train.config import ParallelConfig, TrainConfig
 
-Method = Literal["sft", "continue", "distill", "dpo", "classify"]
-METHODS: tuple[str, ...] = ("sft", "continue", "distill", "dpo", "classify")
+Method = Literal["sft", "continue", "distill", "dpo", "classify", "embed"]
+METHODS: tuple[str, ...] = ("sft", "continue", "distill", "dpo", "classify", "embed")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,6 +105,28 @@ class ClassifyConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class EmbedConfig:
+    # None: each record's pair is found by name: query/passage, question/answer, prompt/response or anchor/positive
+    query_field: str | None = None
+    passage_field: str | None = None
+    negative_field: str = "negative"  # an optional hard negative: a passage that looks right and is not
+    # auto: last token for a causal base (the end-of-text, which has read the whole text), mean for an encoder:
+    # what `Embedder.load` reads a checkpoint with, which records the pooling chosen here
+    pooling: Literal["auto", "last", "mean", "first"] = "auto"
+    temperature: float = 0.05  # logits = cos(q, p) / temperature
+    symmetric: bool = False  # add the passage → query loss (each passage picking its query among the batch's)
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise HainaError(f"embed.temperature must be positive, got {self.temperature}")
+        if (self.query_field is None) != (self.passage_field is None):
+            raise HainaError("embed.query_field and embed.passage_field go together: give both, or neither to find "
+                             "query/passage, question/answer, prompt/response or anchor/positive in each record")
+        if "" in (self.query_field, self.passage_field) or not self.negative_field:
+            raise HainaError("embed.query_field, embed.passage_field and embed.negative_field must name a field")
+
+
+@dataclass(frozen=True, kw_only=True)
 class FinetuneConfig:
     method: Method = "sft"
     base: str | None = None
@@ -114,6 +137,7 @@ class FinetuneConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     out: str | None = None
 
@@ -133,4 +157,5 @@ class FinetuneConfig:
         return to_dict(self)
 
 
-__all__ = ["METHODS", "ClassifyConfig", "DPOConfig", "DistillConfig", "FinetuneConfig", "FinetuneDataConfig", "Method"]
+__all__ = ["METHODS", "ClassifyConfig", "DPOConfig", "DistillConfig", "EmbedConfig", "FinetuneConfig", "FinetuneDataConfig",
+           "Method"]

@@ -4,7 +4,8 @@
 
     a haina checkpoint or run directory   the final hidden states pooled as a classifier pools them
                                           (`haina.model.classifier`): the last real token (the appended
-                                          end-of-text) for a causal model, the mean for an encoder by default
+                                          end-of-text) for a causal model, the mean for an encoder by default,
+                                          or as a `haina finetune embed` run records it trained (config.yaml)
     a sentence-transformers directory     config.json, model.safetensors, tokenizer.json, modules.json and
                                           1_Pooling/config.json, run through `transformers.AutoModel` with
                                           local files only; pooled as 1_Pooling says, L2-normalized when
@@ -63,6 +64,16 @@ def minilm_dir() -> Path:
     return where
 
 
+def trained_pooling(path: str | Path) -> str | None:
+    """The pooling a `haina finetune embed` checkpoint was trained with (its config.yaml's embed.pooling), else None."""
+    from haina.core.config import load_yaml
+    from haina.model.checkpoint import resolve_checkpoint
+
+    data = load_yaml(resolve_checkpoint(path) / "config.yaml") or {}
+    pooling = (data.get("embed") or {}).get("pooling") if data.get("method") == "embed" else None
+    return pooling if pooling in ("mean", "last", "first") else None
+
+
 # ---------------------------------------------------------------------------------------- backends
 class _HainaModel:
     """A haina checkpoint: token ids as a classifier reads them, pooled by the classifier's own code."""
@@ -76,7 +87,7 @@ class _HainaModel:
         model, tokenizer = load_model(path, device=device, dtype=dtype)
         if tokenizer is None:
             raise HainaError(f"checkpoint {path} has no tokenizer/ directory; embedding text needs one")
-        self.pooling = pooling or ("last" if model.cfg.causal else "mean")
+        self.pooling = pooling or trained_pooling(path) or ("last" if model.cfg.causal else "mean")
         # A classifier without a use for its head: its encode (truncation, end-of-text) and pool are the ones
         # `haina finetune classify` trains with, so an embedding and a classifier read a text the same way.
         with torch.random.fork_rng(devices=[]):  # the unused head's initialization must not move the caller's RNG
@@ -202,8 +213,9 @@ class Embedder:
             spec: a haina checkpoint or run directory, a sentence-transformers model directory, or `minilm`.
             device: auto, cpu, cuda, cuda:1 or mps.
             dtype: float32, bfloat16 or float16 (CUDA and MPS only) for the weights; embeddings are float32.
-            pooling: mean, last or first; None: the model's own (a sentence-transformers model's 1_Pooling,
-                else last for a causal haina model and mean for an encoder).
+            pooling: mean, last or first; None: the model's own (a sentence-transformers model's 1_Pooling, a
+                `haina finetune embed` run's recorded pooling, else last for a causal haina model and mean for an
+                encoder).
             normalize: scale every embedding to unit length (cosine similarity is then a dot product). A model
                 whose modules.json ends in Normalize is normalized either way.
         """
@@ -353,4 +365,4 @@ def embed_command(checkpoint: str, out: str, text: str | None = None, input: str
     info(f"embedded {len(texts):,} texts ({embedder.dim} dimensions, {embedder.pooling} pooling): {out}")
 
 
-__all__ = ["MINILM", "Embedder", "embed_command", "minilm_dir"]
+__all__ = ["MINILM", "Embedder", "embed_command", "minilm_dir", "trained_pooling"]
