@@ -126,12 +126,15 @@ def merge_command(checkpoint: str, out: str, overwrite: bool = False) -> None:
     if not has_lora(model):
         raise HainaError(f"{checkpoint} has no LoRA adapters to merge; it is a whole model already")
     merge_lora(model)
+    trained = load_yaml(adapter / "config.yaml") if (adapter / "config.yaml").is_file() else {}
+    # A retriever (`finetune embed`) keeps the record of the pooling it was trained with, which `haina embed` reads.
+    embed = {"method": "embed", "embed": trained["embed"]} if trained.get("method") == "embed" else {}
     head = has_head(adapter)  # a LoRA classifier: its head (trained in full) goes with the merged weights
     if head:
         read_head(adapter)  # its checksums, before anything is written
     with torch.no_grad(), output_dir(out, "finetune merge", inputs=inputs, overwrite=overwrite) as tmp:
-        save_model(tmp, model, tokenizer, extra_config={"source": {"merged_adapter": str(adapter.resolve()),
-                                                                   "base": base}}, checksums=not head)
+        save_model(tmp, model, tokenizer, extra_config={**embed, "source": {"merged_adapter": str(adapter.resolve()),
+                                                                             "base": base}}, checksums=not head)
         if head:
             for name in (CLASSIFIER_CONFIG, CLASSIFIER_WEIGHTS):
                 shutil.copy2(adapter / name, tmp / name)

@@ -64,7 +64,8 @@ from haina.finetune.tune_report import (
 from haina.finetune.tune_space import Param, check_space, grid_space, load_space, override_text
 
 COMMAND = "tune"  # the name in the manifest of its outputs
-TUNABLE = ("pretrain", "finetune sft", "finetune continue", "finetune distill", "finetune dpo", "finetune classify")
+TUNABLE = ("pretrain", "finetune sft", "finetune continue", "finetune distill", "finetune dpo", "finetune classify",
+           "finetune embed")
 RESERVED = {"out": "the tuner gives each trial its own --out under OUT/trials",
             "config": "--config is the tuner's own option, handed to every trial",
             "resume": "the tuner resumes a study by itself: run the same haina tune command again",
@@ -72,7 +73,7 @@ RESERVED = {"out": "the tuner gives each trial its own --out under OUT/trials",
 SPEC = "tune.json"
 LOCK = ".tune.lock"
 # Objectives that grow as the model gets better; anything else (losses, perplexity) is minimized.
-_MAXIMIZE = re.compile(r"accuracy|f1|auc|precision|recall|exact_match|bleu|chrf|rouge", re.IGNORECASE)
+_MAXIMIZE = re.compile(r"accuracy|f1|auc|precision|recall|mrr|ndcg|exact_match|bleu|chrf|rouge", re.IGNORECASE)
 POLL_SECONDS = 0.2  # how often a running trial's metrics.jsonl is read
 STOP_GRACE_SECONDS = 120.0  # after SIGTERM, how long a trial may take to write its checkpoint before SIGKILL
 
@@ -384,7 +385,8 @@ def tune_command(command: str, space: str, trials: int, out: str, config: str | 
     for --config), trials.md and trials.csv, history.png, importance.png and report.json.
 
     Args:
-        command: the command to tune: pretrain, or finetune sft|continue|distill|dpo|classify (quoted, one string).
+        command: the command to tune: pretrain, or finetune sft|continue|distill|dpo|classify|embed (quoted, one
+            string).
         space: the search space YAML, or the name of a bundled one in recipes/tune (classify-space, pretrain-space).
         trials: the number of trials the study should hold (failed ones count; interrupted ones are rerun).
         out: the tune's directory (OUT/trials holds the runs); an existing tune there is continued.

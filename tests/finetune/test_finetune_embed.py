@@ -261,6 +261,11 @@ def test_lora_run_records_its_pooling_and_embeds_from_the_command_line(files, tm
     np.testing.assert_allclose(np.load(tmp_path / "v.npy"), tuned.embed(texts), atol=1e-5)
     base = Embedder.load(str(files / "base"), device="cpu", pooling="mean")
     assert not np.allclose(base.embed(texts), tuned.embed(texts), atol=1e-4)  # the adapters moved it
+    # Merged, it is a plain checkpoint that still embeds as trained (mean pooling), with the same vectors.
+    assert main(["finetune", "merge", "--checkpoint", str(out), "--out", str(tmp_path / "merged")]) in (0, None)
+    merged = Embedder.load(str(tmp_path / "merged"), device="cpu")
+    assert merged.pooling == "mean"
+    np.testing.assert_allclose(merged.embed(texts), tuned.embed(texts), atol=1e-4)
 
 
 def test_ddp_gathers_the_global_batch_and_matches_one_process(files, tmp_path):

@@ -196,6 +196,7 @@ def test_space_pieces():
     assert parse_param("lora.r", [4, 8], "s").grid_values() == [4, 8]
     assert tune.default_direction("macro_f1") == "maximize" and tune.default_direction("val_loss") == "minimize"
     assert tune.default_direction("selection.value") == "minimize"
+    assert tune.default_direction("retrieval_after.mrr") == "maximize"  # `finetune embed`'s report
     assert tune.intermediate_keys("macro_f1") == ["macro_f1", "val_macro_f1"]
     assert tune.intermediate_keys("best_val_loss") == ["best_val_loss", "val_best_val_loss", "val_loss"]
     assert [typed(t) for t in ("8", "1e-3", "true", "null", "[a, b]", "runs/x")] == [8, 1e-3, True, None, ["a", "b"],
