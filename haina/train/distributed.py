@@ -304,7 +304,7 @@ class RankRows:
     """A training source whose every draw is the global batch, of which this rank keeps its own rows.
 
     Rank r of N asked for B rows draws N·B windows, as one process with batch N·B would, and keeps rows
-    [r·B, (r+1)·B). Evaluation windows are the same on every rank.
+    [r·B, (r+1)·B). Evaluation windows are the same on every rank (under DDP the Trainer scores each rank's share).
     """
 
     def __init__(self, source: Any, rank: int, world_size: int):

@@ -266,17 +266,28 @@ class Trainer:
     # ----------------------------------------------------------------- evaluation
     @torch.no_grad()
     def evaluate(self) -> float | None:
-        """Mean validation loss per token, or None without validation data."""
+        """Mean validation loss per token, or None without validation data.
+
+        Under plain data parallelism (DDP) rank r of N scores batches r, r + N, … and the sums are added over the
+        ranks: one process's figure for 1/N of the work each. Sharded or tensor-parallel forwards are collectives
+        that every rank must join, so there every rank scores every batch (and all get the same figure).
+        """
         if self.val_data is None:
             return None
+        split = self.dist is not None and not self.dist.sharded and self.dist.dp_size > 1
+        rank, ranks = (self.dist.dp_rank, self.dist.dp_size) if split else (0, 1)
         self.model.eval()
         total, count = 0.0, 0
         try:
-            for batch in self.eval_batches():
-                s, n = self.eval_step(batch)
-                total, count = total + s, count + n
+            for i, batch in enumerate(self.eval_batches()):
+                if i % ranks == rank:
+                    s, n = self.eval_step(batch)
+                    total, count = total + s, count + n
         finally:
             self.model.train()
+        if split:
+            sums = self.dist.sum(torch.tensor([total, count], dtype=torch.float64, device=self.device))
+            total, count = float(sums[0]), int(sums[1])
         return total / count if count else None
 
     # ----------------------------------------------------------------- state

@@ -72,6 +72,11 @@ def test_ddp_matches_one_process_with_the_global_batch(ddp, one_process):
     assert report["train_tokens"] == json.loads((one_process / "report.json").read_text())["train_tokens"]
 
 
+def val_losses(run: Path) -> list[float]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["val_loss"] for r in records if "val_loss" in r]
+
+
 def test_only_rank_0_writes_and_logs(ddp):
     run, r = ddp
     assert len(list((run / "tb").glob("events.out.tfevents.*"))) == 1  # a second writer would add its own file
@@ -104,11 +109,18 @@ def test_accumulation_reduces_gradients_once_per_step(setup, one_process):
     root, data, recipe = setup
     counts = root / "allreduce-counts"
     r = torchrun(__file__, "count", counts, "pretrain", "--config", recipe, "--data", data, "--out", root / "accum",
-                 "--train.batch_size=1", "--train.grad_accum=2")
+                 "--train.batch_size=1", "--train.grad_accum=2", "--train.eval_batches=3")
     assert r.returncode == 0, r.stderr
     assert_same_trajectory(root / "accum", one_process)
+    rows = [[int(n) for n in line.split()] for line in counts.read_text().splitlines()]
     # The tiny model's gradients fit one DDP bucket: one all-reduce per step, not one per micro-batch.
-    assert [int(n) for n in counts.read_text().split()] == [STEPS, STEPS]
+    assert [allreduces for allreduces, _ in rows] == [STEPS, STEPS]
+    # Each evaluation's 3 batches are split over the ranks, 2 on one and 1 on the other, and the sums added: at
+    # step 0 (the same initial weights) the figure of one process scoring all 3 batches of 1 row.
+    evaluations = len(val_losses(root / "accum"))
+    assert evaluations and sorted(scored for _, scored in rows) == [evaluations, 2 * evaluations]
+    reference = one_process_run(setup, "one-eval", "train.batch_size=1", "train.eval_batches=3", "train.max_steps=1")
+    assert val_losses(root / "accum")[0] == pytest.approx(val_losses(reference)[0], abs=1e-6)
 
 
 def test_a_failing_rank_stops_the_job_with_its_one_line_error(setup):
@@ -202,11 +214,15 @@ def _worker(scenario: str, counts: str, argv: list[str]) -> int:
                 raise HainaError("injected failure at step 3")
             return super().train_step(lr)
 
+        def eval_step(self, batch):
+            self.scored = getattr(self, "scored", 0) + 1
+            return super().eval_step(batch)
+
         def fit(self):
             report = super().fit()
-            if scenario == "count":  # each rank appends its count; the test reads both
+            if scenario == "count":  # each rank appends its counts; the test reads both
                 with open(counts, "a") as f:
-                    f.write(f"{self.allreduces}\n")
+                    f.write(f"{self.allreduces} {getattr(self, 'scored', 0)}\n")
             return report
 
     command.Trainer = Probe
