@@ -73,6 +73,7 @@ __all__ = [
     "parse_citations",
     "relevant_hits",
     "render_message",
+    "strip_markers",
     "terms_for",
 ]
 
@@ -423,6 +424,11 @@ def parse_citations(text: str, n_sources: int) -> tuple[str, list[int], int]:
     if dropped:
         cleaned = re.sub(r"[ \t]{2,}", " ", cleaned).strip()
     return cleaned, cited, dropped
+
+
+def strip_markers(text: str) -> str:
+    """The answer's words alone: its [n] markers removed (what is compared with a reference answer)."""
+    return " ".join(_MARKER.sub(" ", text).split())
 
 
 def _attach(text: str, sources: Sequence[dict[str, Any]], terms: Terms) -> int | None:

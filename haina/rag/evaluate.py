@@ -20,6 +20,9 @@ the collection has an embedder), and:
     refusal_rate        questions answered "nothing relevant" (every question of a generated set has an answer)
     answer_shown_rate   questions whose answering chunk was among the sources shown (the ceiling of validity)
     dropped_markers     markers naming no source, removed from the answers (a total)
+    answer_rouge_l      among answers given to items with a reference "answer": the mean ROUGE-L F1 (rouge-score,
+                        stemmed) of the answer, its [n] markers removed, against the reference: whether what
+                        the answer says is right, which a valid citation alone does not tell
 
 `report.json`, `report.md` (with a table per mode and sample answers) and `recall.png` (recall@k against k per
 mode) are written as every `haina eval` report is (`haina.eval.report`), so `haina eval compare` lines runs up.
@@ -101,6 +104,16 @@ def _citation_valid(item: dict[str, Any], a: Any) -> bool:
     return all(c["id"] in hits and is_relevant(item, hits[c["id"]]) for c in a.citations)
 
 
+def _rouge_l(given: Sequence[tuple[dict[str, Any], Any]]) -> float | None:
+    """The mean ROUGE-L F1 of the answers (markers removed) against their items' reference answers, or None."""
+    from haina.eval.textmetrics import sentence_scores
+    from haina.rag.ask import strip_markers
+
+    scores = [sentence_scores(strip_markers(a.text), [it["answer"]], ["rouge"])["rougeL"] for it, a in given
+              if isinstance(it.get("answer"), str) and it["answer"].strip()]
+    return sum(scores) / len(scores) if scores else None
+
+
 def _answer_metrics(items: Sequence[dict[str, Any]], answers: Sequence[Any]) -> tuple[dict[str, Any], list[dict]]:
     given = [(it, a) for it, a in zip(items, answers, strict=True) if not a.refused]
     n_given = len(given)
@@ -117,6 +130,7 @@ def _answer_metrics(items: Sequence[dict[str, Any]], answers: Sequence[Any]) -> 
                                            if h.id in {s["id"] for s in a.sources}) for it, a in given),
                                    len(answers)),
         "dropped_markers": sum(a.dropped_markers for a in answers),
+        "answer_rouge_l": _rouge_l(given),
     }
     rows = [{"question": it["question"], "reference": it.get("answer"), "answer": a.text, "refused": a.refused,
              "citations": [c["id"] for c in a.citations], "valid": None if a.refused else _citation_valid(it, a),
@@ -216,5 +230,5 @@ def rag_eval_command(collection: str, qa: str, out: str, checkpoint: str | None 
         obj = write_report(tmp, Report(kind=KIND, metrics=metrics, details=details, sections=sections,
                                        images=["recall.png"], checkpoint=checkpoint, data=[qa]))
     headline = [f"{modes[0]}_recall@{k}" for k in ks] + [f"{modes[0]}_mrr"]
-    print_summary(obj, headline + (["citation_validity", "refusal_rate"] if checkpoint else []), out)
+    print_summary(obj, headline + (["citation_validity", "refusal_rate", "answer_rouge_l"] if checkpoint else []), out)
     return 0

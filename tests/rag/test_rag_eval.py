@@ -86,6 +86,20 @@ def test_metrics_equal_a_hand_computation_and_scikit_learn():
     assert m["mrr"] == pytest.approx(mrr)
 
 
+def test_answer_rouge_l_scores_the_words_without_markers():
+    from types import SimpleNamespace
+
+    from haina.rag.evaluate import _rouge_l
+
+    ref = {"answer": "Serialize obj to a JSON formatted str."}
+    exact = SimpleNamespace(text="[2] Serialize obj to a JSON formatted str.")
+    wrong = SimpleNamespace(text="[1] Delete all counts in the shared memory.")
+    assert _rouge_l([(ref, exact)]) == pytest.approx(1.0)  # the marker is not part of what is said
+    assert _rouge_l([(ref, wrong)]) == pytest.approx(0.0)
+    assert _rouge_l([(ref, exact), (ref, wrong), ({"answer": None}, exact)]) == pytest.approx(0.5)
+    assert _rouge_l([({}, exact)]) is None  # no reference answers: nothing to score
+
+
 def test_relevance_by_chunk_id_or_span():
     item = {"question": "q", "chunk_id": "c2", "span": "Boil the water for nine minutes.", "source": "a.md"}
     hits = [hit(0, "nothing here"), hit(1, "Then:  boil the\n water"), hit(2, "x"),
@@ -150,7 +164,7 @@ def test_rag_eval_report_is_read_by_eval_compare(collection, checkpoint, tmp_pat
     assert first["kind"] == "rag" and first["questions"] == 8
     assert 0 <= first["bm25_mrr"] <= first["bm25_recall@5"] <= 1 and "bm25_recall@10" not in first
     assert (tmp_path / "eval" / "bm25" / "recall.png").stat().st_size > 1000
-    for key in ("citation_validity", "refusal_rate", "cited_rate", "answer_shown_rate"):
+    for key in ("citation_validity", "refusal_rate", "cited_rate", "answer_shown_rate", "answer_rouge_l"):
         assert second[key] is None or 0 <= second[key] <= 1
     assert len(second["details"]["answers"]) == 8 and second["checkpoint"] == str(checkpoint)
     table = compare_table(["eval/bm25", "eval/answers"])
