@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 
 from haina.core.errors import HainaError
-from haina.rag.chunk import _ADORNMENT
+from haina.rag.chunk import ADORNMENT
 from haina.rag.store import Hit
 
 __all__ = [
@@ -313,7 +313,7 @@ def _is_heading(lines: list[str], i: int, section: str) -> bool:
     line = lines[i].strip()
     # An underline is unindented and as long as its title (reStructuredText's rule): a doctest's `...` is not one.
     under = lines[i + 1] if i + 1 < len(lines) else ""
-    underlined = bool(_ADORNMENT.match(under)) and len(under.rstrip()) >= len(line)
+    underlined = bool(ADORNMENT.match(under)) and len(under.rstrip()) >= len(line)
     return line.startswith("#") or underlined or (bool(section) and line == section)
 
 
@@ -327,10 +327,10 @@ def defines(hit: Hit, question: str, names: Sequence[str], wanted: set[str], ter
     that the next chunk repeats, with the documentation) does not define it, and its neighbour is numbered
     before it.
     """
-    lines = [line for line in hit.text.split("\n")]
+    lines = hit.text.split("\n")
     section = str((hit.metadata or {}).get("section") or "").split(" > ")[-1].strip()
     words = set(_QUESTION_WORD.findall(_EXACT.sub(" ", question)))  # not the parts of a dotted name
-    body = [i for i, line in enumerate(lines) if line.strip() and not _ADORNMENT.match(line.strip())]
+    body = [i for i, line in enumerate(lines) if line.strip() and not ADORNMENT.match(line.strip())]
     for i in body[:-1]:  # a line with text after it
         line = lines[i]
         if line[:1].isspace():
@@ -338,8 +338,8 @@ def defines(hit: Hit, question: str, names: Sequence[str], wanted: set[str], ter
         m = _HEADER.match(line.strip())
         if m and (m.group(2) in names or (m.group(1) in ("module ", "class ") and m.group(2) in words)):
             return True
-        if _is_heading(lines, i, section) and (any(n in line for n in names) or (bool(wanted) and wanted <= terms(
-                line))):
+        names_it = any(n in line for n in names) or (bool(wanted) and wanted <= terms(line))
+        if names_it and _is_heading(lines, i, section):
             return True
     return False
 

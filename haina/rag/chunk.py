@@ -47,7 +47,7 @@ TokenCounter = Callable[[str], int]
 SECTION_SEP = " > "  # joins the heading path into the one string a vector store's metadata can hold
 
 _ATX = re.compile(r"^ {0,3}(#{1,6})[ \t]+(.+?)(?:[ \t]+#+)?[ \t]*$")
-_ADORNMENT = re.compile(r"^([=\-~^\"'`#*+_:.])\1{2,}[ \t]*$")
+ADORNMENT = re.compile(r"^([=\-~^\"'`#*+_:.])\1{2,}[ \t]*$")
 _PYDOC = re.compile(r"^[A-Z][A-Z0-9]{2,}(?: [A-Z0-9]+){0,3}[ \t]*$")
 _FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})")
 _WORD = re.compile(r"\S+")
@@ -137,13 +137,13 @@ def _heading(lines: list[tuple[int, str]], i: int, styles: list[tuple[str, bool]
     line = lines[i][1]
     before = lines[i - 1][1] if i > 0 else ""
     after = lines[i + 1][1] if i + 1 < len(lines) else ""
-    if _blank(line) or _ADORNMENT.match(line):
+    if _blank(line) or ADORNMENT.match(line):
         return None
     if m := _ATX.match(line):
         return (len(m.group(1)), i, m.group(2).strip(), 1) if _blank(before) or _ATX.match(before) else None
-    if under := _ADORNMENT.match(after):
+    if under := ADORNMENT.match(after):
         # An overline is a line of its own: not the underline of the title just above (i - 2 blank or absent).
-        over = _ADORNMENT.match(before) is not None and before.rstrip() == after.rstrip() and \
+        over = ADORNMENT.match(before) is not None and before.rstrip() == after.rstrip() and \
             (i < 2 or _blank(lines[i - 2][1]))
         if over or (_blank(before) and not line[:1].isspace()):
             style = (under.group(1), over)
@@ -364,5 +364,5 @@ def plan_reindex(old: Mapping[str, str], new_chunks: Iterable[Chunk]) -> Reindex
     return ReindexPlan(added, updated, unchanged, [i for i in old if i not in seen])
 
 
-__all__ = ["SECTION_SEP", "Chunk", "ChunkConfig", "ReindexPlan", "Section", "TokenCounter", "chunk_text",
+__all__ = ["ADORNMENT", "SECTION_SEP", "Chunk", "ChunkConfig", "ReindexPlan", "Section", "TokenCounter", "chunk_text",
            "content_hash", "plan_reindex", "split_sections", "tokenizer_counter", "whitespace_tokens"]

@@ -41,6 +41,7 @@ from typing import Any, Literal
 
 from haina.core.errors import HainaError
 from haina.core.log import info
+from haina.rag.chunk import ADORNMENT
 from haina.rag.store import Hit, Record
 
 __all__ = ["build_qa", "chunk_questions", "normalize", "qa_command", "read_qa", "sft_records", "split_of_doc"]
@@ -50,7 +51,6 @@ SFT_VAL_FRACTION = 0.05
 # `module json`, `class json.JSONDecoder(object)`, `json.dumps(obj, *, ...)`, `async def asyncio.sleep(...)`
 _DEFINITION = re.compile(r"^(?:(module|class|async def) )?((?:[A-Za-z_]\w*\.)+[A-Za-z_]\w*|(?<=module )[A-Za-z_]\w*)"
                          r"(?:\(.*\))?\s*$")
-_ADORNMENT = re.compile(r"^([=\-~^\"'`#*+_:.])\1{2,}\s*$")
 SECTION_TEMPLATES = ("Explain {name}.", "What does the documentation say about {name}?",
                      "What should I know about {name}?")
 
@@ -93,12 +93,12 @@ def _section(record: Record) -> tuple[str, str, bool] | None:
     """(heading, text under it, whether its first paragraph ends in the chunk) for a chunk opening its section."""
     heading = str(record.metadata.get("section") or "").split(" > ")[-1].strip()
     lines = record.text.strip("\n").split("\n")
-    while lines and (not lines[0].strip() or _ADORNMENT.match(lines[0])):
+    while lines and (not lines[0].strip() or ADORNMENT.match(lines[0])):
         lines = lines[1:]
     if not heading or not lines or lines[0].strip().lstrip("#").strip() != heading:
         return None
     body = lines[1:]
-    while body and (not body[0].strip() or _ADORNMENT.match(body[0])):
+    while body and (not body[0].strip() or ADORNMENT.match(body[0])):
         body = body[1:]
     text = "\n".join(body)
     return heading, text, "\n\n" in text.strip("\n")

@@ -266,12 +266,9 @@ class Trainer:
     # ----------------------------------------------------------------- evaluation
     @torch.no_grad()
     def evaluate(self) -> float | None:
-        """Mean validation loss per token, or None without validation data.
-
-        Under plain data parallelism (DDP) rank r of N scores batches r, r + N, … and the sums are added over the
-        ranks: one process's figure for 1/N of the work each. Sharded or tensor-parallel forwards are collectives
-        that every rank must join, so there every rank scores every batch (and all get the same figure).
-        """
+        """Mean validation loss per token, or None without validation data. Under DDP rank r of N scores batches
+        r, r + N, … and the sums are added: one process's figure for 1/N of the work. Sharded or tensor-parallel
+        forwards are collectives every rank must join: there every rank scores every batch."""
         if self.val_data is None:
             return None
         split = self.dist is not None and not self.dist.sharded and self.dist.dp_size > 1
