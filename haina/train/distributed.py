@@ -34,6 +34,7 @@ import contextlib
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -314,15 +315,23 @@ class RankRows:
         """This rank's rows of the global batch: (inputs, targets), or a fine-tuning batch's dict of row tensors.
 
         A dict's tensors with one row per example are sliced; anything else is kept as it is, so a count over
-        the whole batch must come per row (a tensor) to be this rank's.
+        the whole batch must come per row (a tensor) to be this rank's. A dict batch can come short (the last
+        length bucket of fine-tuning data): its rows are then split as evenly as they go, since the loss is
+        weighted by the global count of targets and any split gives the same gradient. Fewer rows than ranks
+        are computed whole by every rank (a rank without rows would have nothing to run backward on).
         """
-        batch = self.source.get_batch(batch_size * self.world_size, block_size, generator)
-        rows = slice(self.rank * batch_size, (self.rank + 1) * batch_size)
-        if isinstance(batch, dict):
-            n = batch_size * self.world_size
-            return {k: v[rows] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n else v
-                    for k, v in batch.items()}
-        return tuple(t[rows] for t in batch)
+        n = batch_size * self.world_size
+        batch = self.source.get_batch(n, block_size, generator)
+        if not isinstance(batch, dict):
+            rows = slice(self.rank * batch_size, (self.rank + 1) * batch_size)
+            return tuple(t[rows] for t in batch)
+        leading = Counter(v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor) and v.dim())
+        m = n if n in leading else (leading.most_common(1)[0][0] if leading else n)
+        if m < self.world_size:
+            return batch
+        rows = slice(self.rank * m // self.world_size, (self.rank + 1) * m // self.world_size)
+        return {k: v[rows] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == m else v
+                for k, v in batch.items()}
 
     def eval_batches(self, batch_size: int, block_size: int,
                      max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -180,6 +180,31 @@ def test_mesh_degrees(replicate, shard, world, expected):
     assert ParallelConfig(dp_replicate=replicate, dp_shard=shard).degrees(world) == expected
 
 
+def test_rank_rows_split_a_short_batch_so_every_token_is_counted_once():
+    """A fine-tuning source's last length bucket can be short of the global batch: its rows are split as evenly as
+    they go (every row on one rank, tokens counted once); fewer rows than ranks go whole to every rank."""
+    from haina.train.distributed import RankRows
+
+    class Source:
+        def __init__(self, rows):
+            self.rows = rows
+
+        def get_batch(self, batch_size, block_size, generator):
+            m = min(batch_size, self.rows)
+            return {"x": torch.arange(m * 2).view(m, 2), "row_tokens": torch.arange(1, m + 1), "tokens": 99}
+
+    def shares(rows, world=2, batch_size=2):
+        return [RankRows(Source(rows), r, world).get_batch(batch_size, 8, None) for r in range(world)]
+
+    full = shares(4)
+    assert [b["row_tokens"].tolist() for b in full] == [[1, 2], [3, 4]] and full[0]["tokens"] == 99
+    short = shares(3)
+    assert [b["row_tokens"].tolist() for b in short] == [[1], [2, 3]]
+    assert torch.equal(torch.cat([b["x"] for b in short]), torch.arange(6).view(3, 2))
+    assert [b["row_tokens"].tolist() for b in shares(1)] == [[1], [1]]  # one row, two ranks: both compute it
+    assert [b["row_tokens"].tolist() for b in shares(5, world=3)] == [[1], [2, 3], [4, 5]]
+
+
 def test_bad_parallel_configs_are_one_line_errors():
     with pytest.raises(HainaError, match="cannot both be -1"):
         ParallelConfig(dp_replicate=-1, dp_shard=-1)
