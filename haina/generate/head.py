@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from haina.model.packed import pack_weight
+
 # A second copy of a larger head (a 128k vocabulary at fp32) costs more memory than a CPU server should
 # spend on it unasked; such heads run unchanged.
 MAX_PACKED_BYTES = 256 * 2**20
@@ -63,16 +65,7 @@ class DecodeHead:
                 and w.numel() * w.element_size() <= MAX_PACKED_BYTES and torch.backends.mkldnn.is_available())
 
     def _pack(self) -> None:
-        """Pack the current weight, checked once against the plain product; on any failure, stay unpacked."""
-        self._packed = None
-        w = self.lm_head.weight.detach()
-        try:  # private ops (torch's inductor uses them): a torch without them raises here
-            with torch.inference_mode():
-                packed = torch.ops.mkldnn._reorder_linear_weight(w, _PACK_ROWS_HINT)
-                probe = torch.randn(2, w.shape[1], generator=torch.Generator().manual_seed(0))
-                got = torch.ops.mkldnn._linear_pointwise(probe, packed, None, "none", [], "")
-                ok = torch.allclose(got, probe @ w.t(), rtol=1e-4, atol=1e-4)
-        except (RuntimeError, AttributeError, NotImplementedError):
-            return
-        if ok:
-            self._packed, self._stamp = packed, (w.data_ptr(), w._version)
+        """Pack the current weight (`haina.model.packed.pack_weight`); on any failure, stay unpacked."""
+        w = self.lm_head.weight
+        self._packed = pack_weight(w, _PACK_ROWS_HINT, probe_rows=2)
+        self._stamp = None if self._packed is None else (w.data_ptr(), w._version)

@@ -131,22 +131,26 @@ def _packed_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, pack.packed, bias, "none", [], "")
 
 
-def _repack(w: torch.Tensor, pack: _Pack) -> None:
-    """Pack the weight, checked once against the plain product; on any failure the layer stays plain."""
-    pack.packed, pack.stamp = None, None
+def pack_weight(w: torch.Tensor, rows_hint: int, probe_rows: int = MIN_ROWS) -> torch.Tensor | None:
+    """A (out, in) fp32 CPU weight in oneDNN's packed layout for products of about `rows_hint` rows, checked once
+    against the plain product on `probe_rows` random rows; None if this torch lacks the ops or they disagree."""
     weight = w.detach()
     try:  # private ops (torch's inductor uses them): a torch without them raises here
         with torch.no_grad():
-            packed = torch.ops.mkldnn._reorder_linear_weight(weight, _ROWS_HINT)
-            probe = torch.randn(MIN_ROWS, weight.shape[1], generator=torch.Generator().manual_seed(0))
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows_hint)
+            probe = torch.randn(probe_rows, weight.shape[1], generator=torch.Generator().manual_seed(0))
             got = torch.ops.mkldnn._linear_pointwise(probe, packed, None, "none", [], "")
             ok = torch.allclose(got, probe @ weight.t(), rtol=1e-4, atol=1e-4)
     except (RuntimeError, AttributeError, NotImplementedError):
-        ok = False
-    if not ok:
-        pack.failed = True
-        return
-    pack.packed, pack.stamp = packed, (w.data_ptr(), w._version)
+        return None
+    return packed if ok else None
+
+
+def _repack(w: torch.Tensor, pack: _Pack) -> None:
+    """Pack the weight (`pack_weight`); on any failure the layer stays plain."""
+    pack.packed = pack_weight(w, _ROWS_HINT)
+    pack.stamp = None if pack.packed is None else (w.data_ptr(), w._version)
+    pack.failed = pack.packed is None
 
 
 def pack_linears(model: nn.Module, *, max_bytes: int = MAX_PACKED_BYTES, train: bool = False) -> int:
