@@ -15,7 +15,6 @@ does not fit the context, is kept with its file, line and reason for `write_reje
 from __future__ import annotations
 
 import json
-from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,9 +29,10 @@ from haina.finetune.sft_data import (
     RecordError,
     clip_record,
     encode_conversation,
-    iter_jsonl,
     json_type,
     message_text,
+    nothing_usable,
+    parse_records,
     record_to_messages,
 )
 from haina.generate.chat import encode_chat
@@ -115,25 +115,11 @@ def record_to_preference(obj: object) -> tuple[list[dict], str, str]:
 
 def read_preferences(paths: str | Path | Sequence[str | Path]) -> PreferenceRecords:
     """The pairs of preference JSONL files, and the rejected records; HainaError when none is usable."""
-    out = PreferenceRecords()
-    for rec in iter_jsonl(paths):
-        reason = rec.reason
-        if reason is None:
-            try:
-                out.pairs.append(Preference(*record_to_preference(rec.obj), rec.source, rec.line))
-                continue
-            except RecordError as e:
-                reason = str(e)
-        out.rejects.append({"source": rec.source, "line": rec.line, "reason": reason, "record": clip_record(rec.raw)})
-    if not out.pairs:
-        names = [str(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
-        place = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-        if not out.rejects:
-            raise HainaError(f"no preference record in {place}: the input is empty")
-        top = "; ".join(f"{r} ×{n}" for r, n in Counter(r["reason"] for r in out.rejects).most_common(3))
-        raise HainaError(f"no usable preference record in {place}: all {len(out.rejects)} rejected ({top}); "
-                         "records need 'prompt', 'chosen' and 'rejected'")
-    return out
+    pairs, rejects, _ = parse_records(paths, lambda rec: Preference(*record_to_preference(rec.obj), rec.source,
+                                                                   rec.line))
+    if not pairs:
+        raise nothing_usable(paths, rejects, "preference", "'prompt', 'chosen' and 'rejected'")
+    return PreferenceRecords(pairs=pairs, rejects=rejects)
 
 
 def split_preferences(pairs: list[Preference], fraction: float, seed: int) -> tuple[list[Preference],

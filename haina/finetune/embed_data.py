@@ -22,7 +22,6 @@ seen in training; its metrics rank each query's own passage among every distinct
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from haina.core.errors import HainaError
-from haina.finetune.sft_data import RecordError, clip_record, iter_jsonl, json_type, message_text
+from haina.finetune.sft_data import RecordError, json_type, message_text, nothing_usable, parse_records
 
 PAIRS: tuple[tuple[str, str], ...] = (("query", "passage"), ("question", "answer"), ("prompt", "response"),
                                       ("anchor", "positive"))
@@ -97,28 +96,14 @@ def read_pairs(paths: str | Path | Sequence[str | Path], *, fields: tuple[str, s
     Raises:
         HainaError: no record at all is usable (one line naming the commonest reasons).
     """
-    out = PairRecords()
-    for rec in iter_jsonl(paths):
-        out.read += 1
-        reason = rec.reason
-        if reason is None:
-            try:
-                out.pairs.append(Pair(*record_to_pair(rec.obj, fields=fields, negative_field=negative_field),
-                                      rec.source, rec.line))
-                continue
-            except RecordError as e:
-                reason = str(e)
-        out.rejects.append({"source": rec.source, "line": rec.line, "reason": reason, "record": clip_record(rec.raw)})
-    if not out.pairs:
-        names = [str(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
-        place = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-        if not out.rejects:
-            raise HainaError(f"{what}: no record in {place}: the input is empty")
-        top = "; ".join(f"{r} ×{n}" for r, n in Counter(r["reason"] for r in out.rejects).most_common(3))
-        shape = f"'{fields[0]}' + '{fields[1]}'" if fields else SHAPES
-        raise HainaError(f"{what}: no usable pair in {place}: all {len(out.rejects)} records rejected ({top}); "
-                         f"records need {shape}")
-    return out
+    def parse(rec) -> Pair:
+        return Pair(*record_to_pair(rec.obj, fields=fields, negative_field=negative_field), rec.source, rec.line)
+
+    pairs, rejects, read = parse_records(paths, parse)
+    if not pairs:
+        e = nothing_usable(paths, rejects, "pair", f"'{fields[0]}' + '{fields[1]}'" if fields else SHAPES)
+        raise HainaError(f"{what}: {e}")
+    return PairRecords(pairs=pairs, rejects=rejects, read=read)
 
 
 def hold_out(pairs: list[Pair], fraction: float, seed: int) -> tuple[list[Pair], list[Pair]]:

@@ -20,16 +20,18 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 from haina.core.errors import HainaError
 from haina.core.io import atomic_path, match_input
 from haina.data.prepare.readers import COMPRESSIONS, open_binary
 from haina.generate.chat import IM_END, IM_START, chat_stop_token_ids, encode_chat, ensure_chat_tokens
 from haina.tokenizer import Tokenizer
+
+T = TypeVar("T")
 
 __all__ = ["ChatTemplateError", "Example", "JsonlRecord", "RecordError", "SFTRecords", "clip_record", "encode_conversation",
            "iter_jsonl", "json_type", "message_text", "prepare_chat_tokenizer", "read_sft_records", "record_to_messages",
@@ -244,35 +246,45 @@ def record_to_messages(obj: object) -> list[dict]:
     return msgs[:last + 1]
 
 
+def parse_records(paths: str | Path | Sequence[str | Path], parse: Callable[[JsonlRecord], T]) -> tuple[
+        list[T], list[dict], int]:
+    """Every record of JSONL files through `parse`: (what it returned, in order; the records it rejected with a
+    RecordError, or that were not JSON, as {"source", "line", "reason", "record"}; how many records were read)."""
+    items: list[T] = []
+    rejects: list[dict] = []
+    read = 0
+    for rec in iter_jsonl(paths):
+        read += 1
+        reason = rec.reason
+        if reason is None:
+            try:
+                items.append(parse(rec))
+                continue
+            except RecordError as e:
+                reason = str(e)
+        rejects.append({"source": rec.source, "line": rec.line, "reason": reason, "record": clip_record(rec.raw)})
+    return items, rejects, read
+
+
+def nothing_usable(paths: str | Path | Sequence[str | Path], rejects: list[dict], kind: str, needs: str) -> HainaError:
+    """The one-line error for input with no usable record: empty, or every record rejected (the commonest reasons)."""
+    names = [str(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
+    place = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    if not rejects:
+        return HainaError(f"no {kind} record in {place}: the input is empty")
+    top = "; ".join(f"{reason} ×{n}" for reason, n in Counter(r["reason"] for r in rejects).most_common(3))
+    return HainaError(f"no usable {kind} record in {place}: all {len(rejects)} rejected ({top}); records need {needs}")
+
+
 def read_sft_records(paths: str | Path | Sequence[str | Path]) -> SFTRecords:
     """The conversations of SFT files (see the module docstring for the shapes), and the rejected records.
 
     Raises HainaError when no record at all is usable, naming the commonest reasons.
     """
-    out = SFTRecords()
-    for rec in iter_jsonl(paths):
-        reason = rec.reason
-        if reason is None:
-            try:
-                out.conversations.append(record_to_messages(rec.obj))
-                out.origins.append((rec.source, rec.line))
-                continue
-            except RecordError as e:
-                reason = str(e)
-        out.rejects.append({"source": rec.source, "line": rec.line, "reason": reason, "record": clip_record(rec.raw)})
-    if not out.conversations:
-        where = [paths] if isinstance(paths, (str, Path)) else paths
-        raise HainaError(_nothing_usable(where, out.rejects))
-    return out
-
-
-def _nothing_usable(where: Sequence[str | Path], rejects: list[dict]) -> str:
-    names = [str(p) for p in where]
-    place = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-    if not rejects:
-        return f"no SFT record in {place}: the input is empty"
-    top = "; ".join(f"{reason} ×{n}" for reason, n in Counter(r["reason"] for r in rejects).most_common(3))
-    return f"no usable SFT record in {place}: all {len(rejects)} rejected ({top}); records need {SHAPES}"
+    parsed, rejects, _ = parse_records(paths, lambda rec: (record_to_messages(rec.obj), (rec.source, rec.line)))
+    if not parsed:
+        raise nothing_usable(paths, rejects, "SFT", SHAPES)
+    return SFTRecords(conversations=[c for c, _ in parsed], origins=[o for _, o in parsed], rejects=rejects)
 
 
 def write_rejects(path: str | Path, rejects: Sequence[dict]) -> None:
